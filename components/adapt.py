@@ -1,0 +1,49 @@
+"""adapt: MSC / COFT contrastive adaptation of the encoder (optional step)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Output
+
+from .image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def adapt_op(
+    dataset: Input[Dataset],
+    method: str,
+    shots: int,
+    epochs: int,
+    batch_size: int,
+    image_size: int,
+    backbone: str,
+    backbone_weights: str,
+    feature_location: str,
+    seed: int,
+    device: str,
+    pipeline_run_id: str,
+    kfp_run_id: str,
+    tracking_uri: str,
+    experiment: str,
+    encoder: Output[Artifact],
+):
+    """Writes encoder.safetensors + encoder.json into ``encoder``. shots=0: all images."""
+    from recontrast_core import steps
+
+    path = steps.adapt(
+        dataset.path,
+        encoder.path,
+        method=method,
+        shots=shots or None,
+        epochs=epochs,
+        batch_size=batch_size,
+        image_size=image_size,
+        backbone=backbone,
+        backbone_weights=backbone_weights,
+        feature_location=feature_location,
+        seed=seed,
+        device=device,
+        pipeline_run_id=pipeline_run_id or kfp_run_id,
+        tracking_uri=tracking_uri or None,
+        experiment=experiment,
+        progress=False,
+    )
+    encoder.metadata.update({"method": method, "backbone": backbone, "file": path.name})

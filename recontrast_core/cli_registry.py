@@ -1,0 +1,166 @@
+"""``recontrast registry status | promote | rollback`` (mounted by cli.py as ``registry``).
+
+Every command takes ``--model-name`` (default ``recontrast``), ``--tracking-uri`` (default
+``MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///./mlflow.db``) and ``--json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_common import console, emit_json, summary_table, user_errors
+from .errors import UserError
+
+registry_app = typer.Typer(
+    name="registry",
+    help="Model registry: champion / challenger aliases, gated promotion, rollback.",
+    no_args_is_help=True,
+)
+
+ModelName = typer.Option("recontrast", "--model-name", "-m", help="Registered model name.")
+TrackingUri = typer.Option(
+    None,
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking/registry URI (default: sqlite:///./mlflow.db).",
+)
+AsJson = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+
+
+def _client(tracking_uri: Optional[str]):
+    from . import registry
+
+    return registry.get_client(tracking_uri)
+
+
+def _parse_floors(floors: list[str]) -> dict[str, float]:
+    out = {}
+    for item in floors:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--floor must look like METRIC=VALUE, not {item!r}") from None
+    return out
+
+
+@registry_app.command("status")
+def status_cmd(
+    model_name: str = ModelName,
+    tracking_uri: Optional[str] = TrackingUri,
+    as_json: bool = AsJson,
+) -> None:
+    """Aliases (champion, challenger, previous_champion) and every version's key metrics."""
+    from rich.table import Table
+
+    from . import registry
+
+    with user_errors():
+        info = registry.status(model_name, client=_client(tracking_uri))
+        if as_json:
+            emit_json(info)
+            return
+        console.print(summary_table(f"{model_name}: aliases", info["aliases"] or {"(none)": ""}))
+        table = Table(title=f"{model_name}: versions", header_style="bold")
+        for col in ("version", "aliases", "image_auroc", "pixel_auroc", "fingerprint", "decision", "reason"):
+            table.add_column(col)
+        for v in info["versions"]:
+            m = v["metrics"]
+            table.add_row(
+                v["version"],
+                ",".join(v["aliases"]),
+                f"{m['image_auroc']:.4f}" if "image_auroc" in m else "",
+                f"{m['pixel_auroc']:.4f}" if "pixel_auroc" in m else "",
+                (v.get("dataset_fingerprint") or "")[:12],
+                v.get("decision") or "",
+                v.get("reason") or "",
+            )
+        console.print(table)
+
+
+@registry_app.command("promote")
+def promote_cmd(
+    version: Optional[str] = typer.Argument(
+        None, help="Version to promote (default: the one aliased 'challenger')."
+    ),
+    reason: Optional[str] = typer.Option(
+        None, "--reason", help="Why (required for a forced promotion)."
+    ),
+    gate: bool = typer.Option(
+        False, "--gate", help="Run the promotion gate (floors + margin) instead of forcing."
+    ),
+    floor: list[str] = typer.Option(
+        ["image_auroc=0.7"], "--floor", help="Absolute floor METRIC=VALUE (repeatable)."
+    ),
+    primary_metric: str = typer.Option("image_auroc", "--primary-metric"),
+    margin: float = typer.Option(0.005, "--margin", min=0.0),
+    eval_manifest: Optional[Path] = typer.Option(
+        None,
+        "--eval-manifest",
+        help="With --gate: re-evaluate the champion on this manifest when it was "
+        "evaluated on other data.",
+    ),
+    model_name: str = ModelName,
+    tracking_uri: Optional[str] = TrackingUri,
+    as_json: bool = AsJson,
+) -> None:
+    """Make a version the champion: forced (with --reason) or through the gate (--gate)."""
+    from . import registry
+
+    with user_errors():
+        client = _client(tracking_uri)
+        registry.get_registered_model(client, model_name)
+        if version is None:
+            mv = registry.alias_version(client, model_name, registry.CHALLENGER)
+            if mv is None:
+                raise UserError(f"{model_name}: no version given and no 'challenger' alias")
+            version = str(mv.version)
+        registry.get_version(client, model_name, version)
+        if gate:
+            policy = registry.PromotionPolicy(
+                floors=_parse_floors(floor), primary_metric=primary_metric, margin=margin
+            )
+            fn = (
+                registry.make_champion_reevaluator(client, model_name, eval_manifest)
+                if eval_manifest is not None
+                else None
+            )
+            decision = registry.promote_if_better(client, model_name, version, policy, fn)
+        else:
+            if not reason:
+                raise UserError("a forced promotion needs --reason (or use --gate)")
+            decision = registry.force_promote(model_name, version, reason, client=client)
+        payload = {
+            "model_name": model_name,
+            "version": version,
+            "promoted": decision.promote,
+            "reason": decision.reason,
+        }
+        if as_json:
+            emit_json(payload)
+        else:
+            console.print(summary_table("promotion", payload))
+
+
+@registry_app.command("rollback")
+def rollback_cmd(
+    reason: str = typer.Option("", "--reason", help="Why (stored on the demoted version)."),
+    model_name: str = ModelName,
+    tracking_uri: Optional[str] = TrackingUri,
+    as_json: bool = AsJson,
+) -> None:
+    """Put previous_champion back as champion."""
+    from . import registry
+
+    with user_errors():
+        result = registry.rollback(model_name, reason=reason, client=_client(tracking_uri))
+        payload = {"model_name": model_name, **result}
+        if as_json:
+            emit_json(payload)
+        else:
+            console.print(summary_table("rollback", payload))

@@ -1,0 +1,253 @@
+"""Typed configuration: the one source of defaults.
+
+CLI flags, KFP pipeline parameters and ``params.yaml`` all map onto these models.
+Defaults follow the ReContrast paper (2,000 iterations, batch 16, 256 px) except the
+backbone, which defaults to the offline-reachable EfficientNet-Lite0 (``wide_resnet50_2``
+is the paper-parity option for clusters with hub access or a local weights file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Strict):
+    name: str = "tf_efficientnet_lite0"
+    # "imagenet": the packaged/hub ImageNet weights; "none": random init (speed tests only);
+    # anything else: a local weights file (.safetensors / .pth state_dict) or s3:// URI.
+    weights: str = "imagenet"
+    # Which activations feed ReContrast. "auto" picks per family: post-activation
+    # ("expansion") for EfficientNets, stage outputs for ResNets. See ARCHITECTURE.md.
+    feature_location: Literal["auto", "bottleneck", "expansion", ""] = "auto"
+    out_indices: tuple[int, int, int] = (1, 2, 3)
+
+
+class TrainConfig(_Strict):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    image_size: int = Field(256, ge=32, le=1024)
+    iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr_decoder: float = 2e-3
+    lr_encoder: float = 1e-5
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Hard-mining alpha ramps linearly from alpha_start to alpha_end over warmup_fraction.
+    alpha_start: float = -3.0
+    alpha_end: float = 1.0
+    alpha_warmup_fraction: float = 0.1
+    # Encoder BatchNorm mode: "train" (paper default) or "eval" (paper, some textures).
+    encoder_bn: Literal["train", "eval"] = "train"
+    decoder_blocks: tuple[int, int, int] = (3, 4, 6)  # blocks per decoder stage, deep to shallow
+    bottleneck_blocks: int = 3
+    seed: int = 111
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(50, ge=1)
+    num_workers: int = 0
+    # Few-shot ReContrast: light geometric/photometric augmentation of the shots.
+    augment: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
+        return v
+
+
+class InferenceConfig(_Strict):
+    gaussian_sigma: float = 4.0
+    score: Literal["max", "topk_mean"] = "max"
+    topk_fraction: float = Field(0.01, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class CalibrationConfig(_Strict):
+    # Fraction of the normal training images held out to choose the production threshold.
+    validation_fraction: float = Field(0.15, ge=0.0, lt=0.9)
+    # Used when the validation split has no labelled anomalies: threshold at this FPR.
+    target_fpr: float = Field(0.01, gt=0, lt=1)
+
+
+def _crop_scale_ok(v: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < v[0] <= v[1] <= 1:
+        raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, not {v!r}")
+    return v
+
+
+class CoftConfig(_Strict):
+    """COFT-AD few-shot settings (the paper publishes no code: docs/adaptation.md says why
+    each default was chosen)."""
+
+    # One COFT "epoch" = this many optimisation steps (so AdaptConfig.epochs means a
+    # training length for both methods); default 20 epochs x 5 = 100 steps.
+    steps_per_epoch: int = Field(5, ge=1)
+    # Share of each batch (AdaptConfig.batch_size) that is synthesised anomalies; the rest
+    # are augmented views of the normal shots.
+    anomaly_fraction: float = Field(0.5, gt=0, lt=1)
+    temperature: float = Field(0.2, gt=0)
+    # loss = supervised contrastive (cross-instance positives) + lambda_pp * mean(1 - cos)
+    # over normal pairs + lambda_np * mean(relu(cos - np_margin)) over normal/anomaly pairs.
+    lambda_pp: float = Field(1.0, ge=0)
+    lambda_np: float = Field(1.0, ge=0)
+    np_margin: float = Field(0.0, ge=-1, le=1)
+    # Anomaly synthesis: any of "cutpaste", "scar", "noise", drawn uniformly.
+    synth: tuple[str, ...] = ("cutpaste", "scar", "noise")
+    # Optimiser: SGD with momentum (the few steps need a larger rate than MSC's 1e-5).
+    lr: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-5, ge=0)
+    # Views of the shots (training and the Gaussian fit): RandomResizedCrop scale range.
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    # Mahalanobis scorer: augmented views per shot (plus the shot itself), Ledoit-Wolf.
+    fit_views: int = Field(16, ge=0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _crop_scale_ok(v)
+
+    @field_validator("synth")
+    @classmethod
+    def _synth_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        known = ("cutpaste", "scar", "noise")
+        bad = [k for k in v if k not in known]
+        if not v or bad:
+            raise ValueError(f"synth must be a non-empty subset of {known}, not {v!r}")
+        return v
+
+
+class AdaptConfig(_Strict):
+    """Encoder adaptation before ReContrast: MSC (many normals) or COFT-AD (few shots).
+
+    Defaults follow Mean-Shifted Contrastive learning (Reiss & Hoshen 2023): SGD lr 1e-5,
+    weight decay 5e-5, temperature 0.25, batch 64, 20 epochs, BatchNorm frozen, kNN k=2.
+    """
+
+    method: Literal["msc", "coft"] = "msc"
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    image_size: int = Field(256, ge=32, le=1024)
+    # Few-shot: adapt on this many normal training images (adapt.sample_shots); None = all.
+    shots: Optional[int] = Field(None, ge=1)
+    shots_seed: int = 0  # which shots (the pipeline's steps.SHOTS_SEED is 0 too)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=2)
+    seed: int = 0
+    device: str = "auto"
+    # Embedding: global `pool` of feature level `level` (index into the encoder's three
+    # levels; -1 = the last, deepest one).
+    level: int = Field(-1, ge=-3, le=2)
+    pool: Literal["avg", "max"] = "avg"
+    # Parameters up to and including the tap of this level stay frozen (0 = train all;
+    # MSC's reference code freezes the first two of ResNet's four stages).
+    freeze_levels: int = Field(0, ge=0, le=3)
+    # MSC optimiser and loss.
+    lr: float = Field(1e-5, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(5e-5, ge=0)
+    temperature: float = Field(0.25, gt=0)
+    angular_weight: float = Field(0.0, ge=0)  # MSC's optional angular center term (1.0 = --angular)
+    # MoCo-v2 views (MSC): RandomResizedCrop scale range.
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    knn_k: int = Field(2, ge=1)
+    coft: CoftConfig = Field(default_factory=CoftConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _crop_scale_ok(v)
+
+
+def load_yaml_config(path: Path, model: type[BaseModel], section: Optional[str] = None):
+    """Read a YAML file (optionally one section of it) into a config model."""
+    import yaml
+
+    from .errors import UserError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: cannot read config: {exc}") from exc
+    if section is not None:
+        data = data.get(section, {}) or {}
+    try:
+        return model.model_validate(data)
+    except Exception as exc:  # pydantic ValidationError: name the file and the field
+        raise UserError(f"{path}: invalid {section or 'config'}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# The whole pipeline (ingest -> adapt -> train -> evaluate -> register): params.yaml,
+# the KFP pipeline parameters and `recontrast pipeline run` all map onto this.
+# ---------------------------------------------------------------------------------------
+class DataConfig(_Strict):
+    # A local folder, an s3://bucket/prefix, or (with dvc_repo) a path inside a
+    # DVC-tracked git repository.
+    source: str = "../shared/data/magnetic-tile-dev"
+    layout: Literal["auto", "mvtec", "folder", "manifest"] = "auto"
+    dvc_repo: Optional[str] = None  # local path or git URL of a DVC repository
+    dvc_rev: Optional[str] = None  # git revision (branch, tag, commit); None = HEAD
+    # S3/MinIO endpoint; None = AWS_ENDPOINT_URL / S3_ENDPOINT_URL from the environment.
+    s3_endpoint_url: Optional[str] = None
+    # Copy a local folder into the ingest output (needed when later steps run elsewhere,
+    # e.g. KFP pods); s3:// and DVC sources are always materialised there.
+    copy_local: bool = False
+    check_decode: bool = True
+
+
+class RegistryConfig(_Strict):
+    """Promotion policy of the register step (maps onto registry.PromotionPolicy)."""
+
+    model_name: str = "recontrast"
+    primary_metric: str = "image_auroc"
+    margin: float = Field(0.005, ge=0)
+    floors: dict[str, float] = Field(default_factory=lambda: {"image_auroc": 0.7})
+    secondary_metrics: tuple[str, ...] = ()
+    secondary_tolerance: float = Field(0.01, ge=0)
+
+    def to_policy(self):
+        from .registry import PromotionPolicy
+
+        return PromotionPolicy(
+            floors=dict(self.floors),
+            primary_metric=self.primary_metric,
+            margin=self.margin,
+            secondary_metrics=tuple(self.secondary_metrics),
+            secondary_tolerance=self.secondary_tolerance,
+        )
+
+
+class TrackingConfig(_Strict):
+    # None = MLFLOW_TRACKING_URI, else the embedded sqlite:///<cwd>/mlflow.db
+    tracking_uri: Optional[str] = None
+    experiment: str = "recontrast"
+
+
+class PipelineConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    # "none": ReContrast from ImageNet weights; "msc" / "coft": adapt the encoder first.
+    adapt_method: Literal["none", "msc", "coft"] = "none"
+    # Few-shot: use only this many normal training images (adapt and train); None = all.
+    shots: Optional[int] = Field(None, ge=1)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -1,0 +1,541 @@
+"""Gated promotion on MLflow's model registry, with aliases.
+
+Aliases of a registered model (default name ``recontrast``):
+
+* ``challenger``: the newest registered candidate (set by :func:`register_candidate`);
+* ``champion``: the production model; it changes only through :func:`promote_if_better`
+  (the gate), :func:`force_promote` (a person, with a reason) or :func:`rollback`;
+* ``previous_champion``: the champion before the last promotion, the rollback target.
+
+The gate (:func:`decide_promotion`, a pure function) promotes a candidate only if
+
+1. every absolute floor of the policy holds (``image_auroc >= 0.7``, ...), and
+2. there is no champion, or the candidate beats it on the primary metric by more than
+   ``margin`` **on the same evaluation data**: the champion's stored metrics count only
+   when its ``dataset_fingerprint`` tag equals the candidate's; otherwise the champion
+   is re-evaluated on the candidate's evaluation set first (``evaluate_champion_fn``),
+   and without that function it is not promoted;
+3. no secondary metric is worse than the champion's by more than
+   ``secondary_tolerance``.
+
+Version tags written here: ``pipeline_run_id``, ``dataset_fingerprint``,
+``metric.<name>`` (the candidate's evaluation), ``promotion_decision``
+(``promoted`` / ``rejected`` / ``forced`` / ``rolled_back``), ``promotion_reason``,
+``compared_with_version``, ``demoted_by`` and ``rolled_back_from``. Retrying
+:func:`register_candidate` for the same pipeline run returns the existing version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from .errors import UserError
+
+DEFAULT_MODEL_NAME = "recontrast"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS_CHAMPION = "previous_champion"
+METRIC_TAG_PREFIX = "metric."
+
+TAG_PIPELINE_RUN_ID = "pipeline_run_id"
+TAG_FINGERPRINT = "dataset_fingerprint"
+TAG_DECISION = "promotion_decision"
+TAG_REASON = "promotion_reason"
+TAG_COMPARED_WITH = "compared_with_version"
+
+KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+
+
+# ---------------------------------------------------------------------------------------
+# the policy and the pure decision
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """When a candidate may replace the champion (all metrics: higher is better)."""
+
+    floors: Mapping[str, float] = field(default_factory=lambda: {"image_auroc": 0.7})
+    primary_metric: str = "image_auroc"
+    margin: float = 0.005
+    # Guard metrics: the candidate may not be worse than the champion on any of these
+    # by more than ``secondary_tolerance`` (e.g. ("pixel_auroc", "aupro")).
+    secondary_metrics: tuple[str, ...] = ()
+    secondary_tolerance: float = 0.01
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["floors"] = dict(self.floors)
+        d["secondary_metrics"] = list(self.secondary_metrics)
+        return d
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def _num(metrics: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
+    if not metrics or key not in metrics or metrics[key] is None:
+        return None
+    try:
+        value = float(metrics[key])
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def decide_promotion(
+    candidate_metrics: Mapping[str, Any],
+    champion_metrics: Optional[Mapping[str, Any]],
+    policy: PromotionPolicy = PromotionPolicy(),
+) -> Decision:
+    """Promote or not, and why. Pure: no MLflow, no I/O.
+
+    ``champion_metrics`` is None when there is no champion; otherwise it must come from
+    the same evaluation data as ``candidate_metrics`` (the caller's job).
+    """
+    p = policy.primary_metric
+    cand = _num(candidate_metrics, p)
+    if cand is None:
+        return Decision(False, f"candidate has no {p}")
+    for key, floor in sorted(policy.floors.items()):
+        value = _num(candidate_metrics, key)
+        if value is None:
+            return Decision(False, f"candidate has no {key} (floor {floor:g})")
+        if value < floor:
+            return Decision(False, f"below floor: {key} {value:.4f} < {floor:g}")
+    if champion_metrics is None:
+        return Decision(True, f"no champion; floors pass ({p} {cand:.4f})")
+    champ = _num(champion_metrics, p)
+    if champ is None:
+        return Decision(False, f"champion has no {p} on this evaluation data; cannot compare")
+    delta = cand - champ
+    if delta <= policy.margin + 1e-9:  # exactly `margin` better is not better enough
+        verdict = "within margin of" if delta > -policy.margin else "worse than"
+        return Decision(
+            False,
+            f"{verdict} champion: {p} {cand:.4f} vs {champ:.4f} "
+            f"(delta {delta:+.4f}, margin {policy.margin:g})",
+        )
+    for key in policy.secondary_metrics:
+        c, ch = _num(candidate_metrics, key), _num(champion_metrics, key)
+        if c is None or ch is None:
+            continue
+        if c < ch - policy.secondary_tolerance:
+            return Decision(
+                False,
+                f"{p} better by {delta:+.4f} but {key} worse: {c:.4f} vs {ch:.4f} "
+                f"(tolerance {policy.secondary_tolerance:g})",
+            )
+    return Decision(
+        True, f"beats champion: {p} {cand:.4f} vs {champ:.4f} (delta {delta:+.4f} > {policy.margin:g})"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# MLflow helpers
+# ---------------------------------------------------------------------------------------
+def get_client(tracking_uri: Optional[str] = None):
+    from .tracking import get_client as _get
+
+    return _get(tracking_uri)
+
+
+def _is_not_found(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "") or ""
+    return "RESOURCE_DOES_NOT_EXIST" in code or "NOT_FOUND" in code or "not found" in str(exc).lower()
+
+
+def alias_version(client, model_name: str, alias: str):
+    """The ModelVersion behind ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        if _is_not_found(exc) or "alias" in str(exc).lower():
+            return None
+        raise
+
+
+def _ensure_registered_model(client, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+        return
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+    try:
+        client.create_registered_model(
+            model_name, description="ReContrast visual anomaly detector (recontrast)"
+        )
+    except MlflowException as exc:  # created concurrently
+        if "ALREADY_EXISTS" not in (getattr(exc, "error_code", "") or ""):
+            raise
+
+
+def _all_versions(client, model_name: str) -> list:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(
+            f"name = '{model_name}'", max_results=200, page_token=token
+        )
+        versions.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            break
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def version_metrics(client, mv) -> dict[str, float]:
+    """The evaluation metrics stored on a version (``metric.*`` tags, else its run's)."""
+    out = {}
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                out[key[len(METRIC_TAG_PREFIX) :]] = float(value)
+            except ValueError:
+                pass
+    if not out and mv.run_id:
+        try:
+            out = dict(client.get_run(mv.run_id).data.metrics)
+        except Exception:
+            out = {}
+    return out
+
+
+def find_version_for_pipeline_run(client, model_name: str, pipeline_run_id: str):
+    for mv in _all_versions(client, model_name):
+        if (mv.tags or {}).get(TAG_PIPELINE_RUN_ID) == pipeline_run_id:
+            return mv
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# register, promote, roll back
+# ---------------------------------------------------------------------------------------
+def register_candidate(
+    run_id: str,
+    model_name: str,
+    pipeline_run_id: str,
+    metrics: Mapping[str, Any],
+    fingerprint: str,
+    *,
+    model_uri: Optional[str] = None,
+    artifact_path: str = "model",
+    tags: Optional[Mapping[str, Any]] = None,
+    client=None,
+) -> str:
+    """Register the run's model as a new version, alias ``challenger``; returns the version.
+
+    Idempotent per pipeline run: when a version tagged with ``pipeline_run_id`` exists,
+    it is returned (aliased ``challenger`` if no decision was taken on it yet) and no new
+    version is created. ``model_uri`` defaults to ``runs:/<run_id>/<artifact_path>``.
+    """
+    client = client or get_client()
+    _ensure_registered_model(client, model_name)
+    existing = find_version_for_pipeline_run(client, model_name, pipeline_run_id)
+    if existing is not None:
+        if TAG_DECISION not in (existing.tags or {}):
+            client.set_registered_model_alias(model_name, CHALLENGER, existing.version)
+        return str(existing.version)
+    from .tracking import redact_tags
+
+    version_tags: dict[str, Any] = {
+        TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        TAG_FINGERPRINT: fingerprint,
+    }
+    for key, value in metrics.items():
+        num = _num(metrics, key)
+        if num is not None and not isinstance(value, bool):
+            version_tags[METRIC_TAG_PREFIX + key] = repr(num)
+    version_tags.update(tags or {})
+    source = model_uri or f"runs:/{run_id}/{artifact_path}"
+    mv = _create_version(client, model_name, source, run_id, redact_tags(version_tags))
+    client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
+    return str(mv.version)
+
+
+def _create_version(client, model_name: str, source: str, run_id: str, tags: dict):
+    """Create a model version from ``source``.
+
+    ``runs:/<run>/<name>`` resolves like ``mlflow.register_model``: to the MLflow 3
+    LoggedModel called ``<name>`` on the run (``models:/<model_id>``, e.g. the pyfunc
+    from :func:`recontrast_core.pyfunc_model.log_pyfunc`), else to the run's artifact
+    directory ``<name>`` (e.g. a bundle logged with ``tracking.log_bundle``).
+    """
+    model_id = None
+    if source.startswith("runs:/"):
+        rid, _, rel = source[len("runs:/") :].partition("/")
+        run = client.get_run(rid)
+        model_id = _logged_model_id(client, run, rel)
+        if model_id is not None:
+            source = f"models:/{model_id}"
+        else:
+            artifact_root = run.info.artifact_uri.rstrip("/")
+            source = f"{artifact_root}/{rel}" if rel else artifact_root
+    elif source.startswith("models:/m-"):
+        model_id = source[len("models:/") :].split("/")[0]
+    return client.create_model_version(
+        model_name, source, run_id=run_id, tags=tags, await_creation_for=60, model_id=model_id
+    )
+
+
+def _logged_model_id(client, run, name: str) -> Optional[str]:
+    """The id of the newest LoggedModel named ``name`` output by the run, or None."""
+    outputs = getattr(getattr(run, "outputs", None), "model_outputs", None) or []
+    best = None
+    for out in outputs:
+        try:
+            lm = client.get_logged_model(out.model_id)
+        except Exception:
+            continue
+        if lm.name == name and (best is None or out.step >= best[0]):
+            best = (out.step, lm.model_id)
+    return best[1] if best else None
+
+
+def _set_tags(client, model_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, str(value)[:5000])
+
+
+def _move_champion(client, model_name: str, version: str, current) -> None:
+    """current champion -> previous_champion, ``version`` -> champion."""
+    if current is not None and str(current.version) != str(version):
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, current.version)
+        _set_tags(client, model_name, current.version, {"demoted_by": version})
+    client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    challenger = alias_version(client, model_name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == str(version):
+        client.delete_registered_model_alias(model_name, CHALLENGER)
+
+
+def promote_if_better(
+    client,
+    model_name: str,
+    version: str,
+    policy: PromotionPolicy = PromotionPolicy(),
+    evaluate_champion_fn: Optional[Callable[[Any], Mapping[str, Any]]] = None,
+) -> Decision:
+    """Run the gate for ``version`` and move the aliases when it passes.
+
+    ``evaluate_champion_fn(champion_model_version) -> metrics`` re-evaluates the current
+    champion on the candidate's evaluation set; it is called only when the champion's
+    ``dataset_fingerprint`` differs from the candidate's. The decision and the reason are
+    written to the candidate's tags either way.
+    """
+    client = client or get_client()
+    version = str(version)
+    cand = client.get_model_version(model_name, version)
+    cand_metrics = version_metrics(client, cand)
+    cand_fp = (cand.tags or {}).get(TAG_FINGERPRINT)
+    champion = alias_version(client, model_name, CHAMPION)
+    if champion is not None and str(champion.version) == version:
+        return Decision(False, f"version {version} is already the champion")
+
+    champ_metrics = None
+    extra: dict[str, Any] = {}
+    if champion is not None:
+        extra[TAG_COMPARED_WITH] = champion.version
+        champ_fp = (champion.tags or {}).get(TAG_FINGERPRINT)
+        if cand_fp and champ_fp == cand_fp:
+            champ_metrics = version_metrics(client, champion)
+        elif evaluate_champion_fn is None:
+            decision = Decision(
+                False,
+                f"champion v{champion.version} was evaluated on other data "
+                f"(fingerprint {str(champ_fp)[:12]} != {str(cand_fp)[:12]}) and no "
+                "re-evaluation function was given",
+            )
+            _record(client, model_name, version, decision, extra)
+            return decision
+        else:
+            champ_metrics = dict(evaluate_champion_fn(champion))
+            extra["champion_reevaluated_on"] = cand_fp
+            _set_tags(
+                client,
+                model_name,
+                champion.version,
+                {
+                    f"reeval.{str(cand_fp)[:16]}": json.dumps(
+                        {k: v for k, v in champ_metrics.items() if _num(champ_metrics, k) is not None}
+                    )
+                },
+            )
+        if champ_metrics is not None:
+            p = policy.primary_metric
+            if _num(champ_metrics, p) is not None:
+                extra[f"champion_{p}"] = champ_metrics[p]
+
+    decision = decide_promotion(cand_metrics, champ_metrics, policy)
+    if decision.promote:
+        _move_champion(client, model_name, version, champion)
+    _record(client, model_name, version, decision, extra)
+    return decision
+
+
+def _record(client, model_name: str, version: str, decision: Decision, extra: Mapping[str, Any]):
+    _set_tags(
+        client,
+        model_name,
+        version,
+        {
+            TAG_DECISION: "promoted" if decision.promote else "rejected",
+            TAG_REASON: decision.reason,
+            **extra,
+        },
+    )
+
+
+def force_promote(
+    model_name: str, version: str, reason: str, *, client=None
+) -> Decision:
+    """Make ``version`` the champion without the gate (a person's decision, with a reason)."""
+    if not reason or not reason.strip():
+        raise UserError("a forced promotion needs a --reason")
+    client = client or get_client()
+    version = str(version)
+    get_version(client, model_name, version)
+    champion = alias_version(client, model_name, CHAMPION)
+    if champion is not None and str(champion.version) == version:
+        return Decision(False, f"version {version} is already the champion")
+    _move_champion(client, model_name, version, champion)
+    decision = Decision(True, f"forced: {reason.strip()}")
+    _set_tags(client, model_name, version, {TAG_DECISION: "forced", TAG_REASON: decision.reason})
+    return decision
+
+
+def rollback(model_name: str = DEFAULT_MODEL_NAME, *, reason: str = "", client=None) -> dict:
+    """``champion`` <- ``previous_champion``. The demoted version is tagged
+    ``promotion_decision=rolled_back``; ``previous_champion`` is removed (a second rollback
+    needs a new promotion in between). Returns ``{"champion", "demoted"}``."""
+    client = client or get_client()
+    get_registered_model(client, model_name)
+    previous = alias_version(client, model_name, PREVIOUS_CHAMPION)
+    if previous is None:
+        raise UserError(f"{model_name}: no previous_champion to roll back to")
+    current = alias_version(client, model_name, CHAMPION)
+    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
+    if current is not None:
+        _set_tags(
+            client,
+            model_name,
+            current.version,
+            {
+                TAG_DECISION: "rolled_back",
+                TAG_REASON: f"rolled back to v{previous.version}"
+                + (f": {reason}" if reason else ""),
+            },
+        )
+    _set_tags(
+        client,
+        model_name,
+        previous.version,
+        {"rolled_back_from": current.version if current is not None else ""},
+    )
+    return {
+        "champion": str(previous.version),
+        "demoted": str(current.version) if current is not None else None,
+    }
+
+
+def get_registered_model(client, model_name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            raise UserError(f"no registered model named {model_name!r}") from None
+        raise
+
+
+def get_version(client, model_name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            raise UserError(f"{model_name}: no version {version}") from None
+        raise
+
+
+def status(model_name: str = DEFAULT_MODEL_NAME, *, client=None) -> dict:
+    """Aliases, versions and their key metrics, as a JSON-able dict."""
+    client = client or get_client()
+    rm = get_registered_model(client, model_name)
+    aliases = {a: str(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
+    by_version: dict[str, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(v, []).append(alias)
+    versions = []
+    for mv in _all_versions(client, model_name):
+        tags = mv.tags or {}
+        m = version_metrics(client, mv)
+        versions.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
+                "run_id": mv.run_id,
+                "created": mv.creation_timestamp,
+                TAG_PIPELINE_RUN_ID: tags.get(TAG_PIPELINE_RUN_ID),
+                TAG_FINGERPRINT: tags.get(TAG_FINGERPRINT),
+                "metrics": {k: m[k] for k in KEY_METRICS if k in m} or m,
+                "decision": tags.get(TAG_DECISION),
+                "reason": tags.get(TAG_REASON),
+            }
+        )
+    return {"model_name": model_name, "aliases": aliases, "versions": versions}
+
+
+# ---------------------------------------------------------------------------------------
+# re-evaluating the champion on new data (used by the register step and the CLI gate)
+# ---------------------------------------------------------------------------------------
+def download_bundle(client, model_name: str, mv, dst: os.PathLike) -> Path:
+    """Download a version's files and return the directory holding ``bundle.json``."""
+    import mlflow
+    import mlflow.artifacts
+
+    dst = Path(dst)
+    uri = client.get_model_version_download_uri(model_name, str(mv.version))
+    tracking_uri = getattr(getattr(client, "_tracking_client", None), "tracking_uri", None)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri or mlflow.get_tracking_uri()
+    )
+    root = Path(local)
+    if (root / "bundle.json").is_file():
+        return root
+    hits = sorted(root.rglob("bundle.json"))
+    if not hits:
+        raise UserError(f"{model_name} v{mv.version}: no bundle.json in the registered model")
+    return hits[0].parent
+
+
+def make_champion_reevaluator(
+    client, model_name: str, manifest_path: os.PathLike, device: str = "auto"
+) -> Callable[[Any], dict]:
+    """An ``evaluate_champion_fn`` that downloads the champion's bundle and evaluates it
+    on the manifest at ``manifest_path`` (the candidate's evaluation set)."""
+
+    def _evaluate(champion_mv) -> dict:
+        from .data.manifest import Manifest
+        from .evaluate import evaluate_bundle
+
+        manifest = Manifest.load(manifest_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle_dir = download_bundle(client, model_name, champion_mv, tmp)
+            payload = evaluate_bundle(bundle_dir, manifest, progress=False, device=device)
+        return dict(payload["metrics"])
+
+    return _evaluate

@@ -1,0 +1,103 @@
+"""Training on real images: checkpoint/resume, bundle round-trip, train -> evaluate -> predict."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recontrast_core.bundle import load_detector
+from recontrast_core.config import CalibrationConfig, TrainConfig
+from recontrast_core.data.cache import load_resized
+from recontrast_core.data.layouts import read_mvtec
+from recontrast_core.data.manifest import split_validation
+from recontrast_core.errors import UserError
+from recontrast_core.evaluate import evaluate_bundle
+from recontrast_core.predict import predict_paths
+from recontrast_core.train import Trainer, train_model
+
+SMALL = dict(image_size=64, batch_size=4, decoder_blocks=(1, 1, 1), bottleneck_blocks=1, log_every=1, checkpoint_every=2)
+
+
+def test_resume_continues_exactly(tiny_tile, tmp_path, monkeypatch):
+    manifest = read_mvtec(tiny_tile)
+    cfg = TrainConfig(iterations=4, **SMALL)
+    straight = train_model(manifest, cfg, tmp_path / "a", progress=False)
+
+    calls = {"n": 0}
+    real_step = Trainer.step
+
+    def crashing_step(self, x, alpha):
+        if calls["n"] == 3:  # after the checkpoint at iteration 2, mid-way to 4
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(self, x, alpha)
+
+    monkeypatch.setattr(Trainer, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(manifest, cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    ckpt_dir = tmp_path / "b" / "checkpoints"
+    assert [p.name for p in ckpt_dir.iterdir()] == ["last.pt"]  # no temp files left behind
+    assert torch.load(ckpt_dir / "last.pt", weights_only=True)["iteration"] == 2
+    assert not (tmp_path / "b" / "bundle").exists()  # nothing half-written
+
+    resumed = train_model(manifest, cfg, tmp_path / "b", progress=False, resume=True)
+    a = load_file(str(straight.bundle_dir / "model.safetensors"))
+    b = load_file(str(resumed.bundle_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[-1]["loss"] == pytest.approx(straight.history[-1]["loss"], rel=1e-5)
+
+    with pytest.raises(UserError, match="different settings"):
+        train_model(manifest, cfg.model_copy(update={"batch_size": 2}), tmp_path / "b", progress=False, resume=True)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train_model(manifest, cfg, tmp_path / "c", progress=False, resume=True)
+
+
+def test_bundle_round_trip_scores_and_threshold(tiny_tile, tmp_path):
+    manifest = read_mvtec(tiny_tile)
+    cfg = TrainConfig(iterations=2, **SMALL)
+    result = train_model(manifest, cfg, tmp_path / "run", progress=False)
+    meta = json.loads((result.bundle_dir / "bundle.json").read_text())
+    assert meta["train_config"]["image_size"] == 64 and meta["library_version"]
+    det = load_detector(result.bundle_dir)
+    # the stored threshold is one of the calibration scores; reloaded weights reproduce it
+    fit, val = split_validation(manifest.select(split="train", label=0), CalibrationConfig().validation_fraction, cfg.seed)
+    images, _, _ = load_resized(val, 64)
+    _, scores = det.score_uint8(images)
+    assert np.isclose(scores, det.calibration.threshold, rtol=1e-5).any()
+    # the same image as a path and as an array scores the same
+    path = manifest.abspath(manifest.select(split="test").entries[0].path)
+    from PIL import Image
+
+    arr = np.asarray(Image.open(path))
+    by_path, by_array = det.predict([path]), det.predict([arr])
+    assert by_path[0]["score"] == pytest.approx(by_array[0]["score"], rel=1e-6)
+    again = load_detector(result.bundle_dir).predict([path])
+    assert again[0]["score"] == pytest.approx(by_path[0]["score"], rel=1e-6)
+    assert (by_path[0]["normalized_score"] >= 0.5) == by_path[0]["decision"]
+
+
+def test_train_evaluate_predict_on_real_images(tiny_tile, tmp_path):
+    manifest = read_mvtec(tiny_tile)
+    cfg = TrainConfig(iterations=3, image_size=64, batch_size=4, log_every=1)  # default architecture
+    result = train_model(manifest, cfg, tmp_path / "run", progress=False)
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    payload = evaluate_bundle(result.bundle_dir, manifest, out_dir=tmp_path / "eval", progress=False)
+    m = payload["metrics"]
+    for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image", "image_f1_max", "image_f1_threshold"):
+        assert 0.0 <= m[key] <= (1.0 if key != "image_f1_threshold" else np.inf), key
+    assert payload["n_images"] == 10 and len(payload["per_image"]) == 10
+    assert (tmp_path / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "scores.csv").is_file()
+    rows = predict_paths(result.bundle_dir, [tiny_tile / "test"], tmp_path / "pred", progress=False)
+    assert len(rows) == 10
+    assert (tmp_path / "pred" / "results.csv").read_text().count("\n") == 11
+    pngs = list((tmp_path / "pred" / "overlays").glob("*.png"))
+    assert len(pngs) == 10
+    from PIL import Image
+
+    assert Image.open(pngs[0]).size == (128, 64)  # image | overlay side by side

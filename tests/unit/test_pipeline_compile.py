@@ -1,0 +1,171 @@
+"""The compiled KFP pipeline: golden-file comparison and the cluster settings in it.
+
+The pipeline is compiled in a fresh interpreter (the component image is read from
+``RECONTRAST_IMAGE`` at import time) with a unique fake credential in the environment,
+which must not appear anywhere in the YAML. Regenerate the golden file after an intended
+change with::
+
+    env -u RECONTRAST_IMAGE python -m pipelines.training_pipeline
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "pipelines" / "compiled" / "training_pipeline.yaml"
+FAKE_SECRET = "fake-secret-" + uuid.uuid4().hex
+FAKE_KEY_ID = "AKIAFAKE" + uuid.uuid4().hex[:12].upper()
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kfp") / "training_pipeline.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "RECONTRAST_IMAGE"}
+    env.update({
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
+        "MLFLOW_TRACKING_PASSWORD": FAKE_SECRET,
+        "PYTHONPATH": str(REPO),
+    })
+    code = "import sys; from pipelines.training_pipeline import compile_pipeline; compile_pipeline(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env, check=True, timeout=240)
+    return out
+
+
+def _normalise(text: str) -> list:
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    for d in docs:
+        d.pop("sdkVersion", None)  # the only field that changes with the kfp release
+    return docs
+
+
+def _docs(path: Path):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    spec = docs[0]
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return spec, platform
+
+
+def _executors_of(spec: dict, component_prefix: str) -> list[str]:
+    """Executor labels of every task that runs the given component (both branches)."""
+    return sorted(
+        comp["executorLabel"]
+        for name, comp in spec["components"].items()
+        if name.startswith(f"comp-{component_prefix}") and "executorLabel" in comp
+    )
+
+
+def test_compiled_pipeline_matches_golden(compiled: Path) -> None:
+    assert GOLDEN.is_file(), f"golden file missing: {GOLDEN}"
+    assert _normalise(compiled.read_text()) == _normalise(GOLDEN.read_text()), (
+        "the compiled pipeline differs from pipelines/compiled/training_pipeline.yaml; "
+        "if the change is intended, regenerate it: env -u RECONTRAST_IMAGE python -m pipelines.training_pipeline"
+    )
+
+
+def test_no_credential_values_in_yaml(compiled: Path) -> None:
+    text = compiled.read_text()
+    assert FAKE_SECRET not in text
+    assert FAKE_KEY_ID not in text
+    assert FAKE_SECRET not in GOLDEN.read_text()
+
+
+def test_train_requests_gpu_with_node_placement_and_shm(compiled: Path) -> None:
+    spec, platform = _docs(compiled)
+    train_execs = _executors_of(spec, "train-op")
+    assert len(train_execs) == 2, train_execs  # the adapt branch and the plain branch
+    for label in train_execs:
+        res = spec["deploymentSpec"]["executors"][label]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert str(res["accelerator"]["resourceCount"]) == "1"
+        assert res["resourceCpuRequest"] and res["resourceMemoryRequest"]
+        k8s = platform[label]
+        assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
+        shm = [m for m in k8s["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]
+        assert shm and shm[0]["medium"] == "Memory"
+
+
+def test_every_step_gets_secrets_as_env(compiled: Path) -> None:
+    spec, platform = _docs(compiled)
+    for prefix in ("ingest-op", "adapt-op", "train-op", "evaluate-op", "register-op"):
+        labels = _executors_of(spec, prefix)
+        assert labels, prefix
+        for label in labels:
+            secrets = {s["secretName"]: s for s in platform[label]["secretAsEnv"]}
+            s3 = secrets["recontrast-s3"]
+            assert {e["envVar"] for e in s3["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+            assert "recontrast-mlflow" in secrets
+            assert platform[label]["configMapAsEnv"][0]["configMapName"] == "recontrast-config"
+
+
+def test_retries_on_io_steps_and_caching(compiled: Path) -> None:
+    spec, _ = _docs(compiled)
+    tasks = {}
+
+    def walk(dag: dict) -> None:
+        for name, task in dag.get("tasks", {}).items():
+            tasks[name] = task
+    walk(spec["root"]["dag"])
+    for comp in spec["components"].values():
+        if "dag" in comp:
+            walk(comp["dag"])
+    by_comp: dict[str, list[dict]] = {}
+    for task in tasks.values():
+        ref = task.get("componentRef", {}).get("name", "")
+        by_comp.setdefault(ref.rsplit("-", 1)[0] if ref[-1:].isdigit() else ref, []).append(task)
+    for comp in ("comp-ingest-op", "comp-register-op", "comp-evaluate-op"):
+        for task in by_comp[comp]:
+            assert task["retryPolicy"]["maxRetryCount"] == 3, comp
+    for comp in ("comp-train-op", "comp-adapt-op", "comp-evaluate-op"):
+        for task in by_comp[comp]:
+            assert task["cachingOptions"].get("enableCache") is True, comp
+    for comp in ("comp-ingest-op", "comp-register-op"):
+        for task in by_comp[comp]:
+            assert not task["cachingOptions"].get("enableCache"), comp
+
+
+def test_adapt_is_conditional_and_images_are_the_project_image(compiled: Path) -> None:
+    spec, _ = _docs(compiled)
+    text = compiled.read_text()
+    assert "adapt_method" in spec["root"]["inputDefinitions"]["parameters"]
+    conditions = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "triggerPolicy" in node:
+                conditions.append(node["triggerPolicy"]["condition"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(spec)
+    assert any("adapt_method" in c and "!= 'none'" in c and not c.startswith("!") for c in conditions)
+    assert any(c.startswith("!(") for c in conditions)  # the else branch
+    assert "adapt_method" in text
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"ghcr.io/recontrast/recontrast:0.1.0"}
+    for e in spec["deploymentSpec"]["executors"].values():
+        joined = " ".join(e["container"]["command"])
+        assert "pip install" not in joined  # install_kfp_package=False, no packages_to_install
+
+
+def test_image_is_overridable_at_compile_time(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    env = dict(os.environ, RECONTRAST_IMAGE="registry.example/ml/recontrast:test", PYTHONPATH=str(REPO))
+    code = "import sys; from pipelines.training_pipeline import compile_pipeline; compile_pipeline(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env, check=True, timeout=240)
+    spec, _ = _docs(out)
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/ml/recontrast:test"}
