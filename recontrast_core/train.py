@@ -60,11 +60,18 @@ def batch_indices(iteration: int, n: int, batch: int, seed: int) -> torch.Tensor
     return torch.randint(0, n, (batch,), generator=g)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without stalling the host: pinned memory makes the copy truly async."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def augment_batch(x: torch.Tensor, iteration: int, seed: int) -> torch.Tensor:
     """Light augmentation for few-shot training: flips and +-10% brightness/contrast per image."""
     g = torch.Generator().manual_seed(seed * 7_919 + iteration)
     b = x.shape[0]
-    r = torch.rand(b, 4, generator=g).to(x.device, non_blocking=True)
+    r = _to_device(torch.rand(b, 4, generator=g), x.device)
     x = torch.where((r[:, 0] < 0.5).view(b, 1, 1, 1), x.flip(-1), x)
     x = torch.where((r[:, 1] < 0.5).view(b, 1, 1, 1), x.flip(-2), x)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -164,7 +171,7 @@ def train_model(
     t0 = time.perf_counter()
     with track_steps("train", cfg.iterations, enabled=progress, completed=start) as bar:
         for it in range(start, cfg.iterations):
-            idx = batch_indices(it, images.shape[0], cfg.batch_size, cfg.seed).to(device, non_blocking=True)
+            idx = _to_device(batch_indices(it, images.shape[0], cfg.batch_size, cfg.seed), device)
             x = _prepare(images[idx], cfg, device, it)
             alpha = alpha_at(it, cfg.iterations, cfg.alpha_start, cfg.alpha_end, cfg.alpha_warmup_fraction)
             losses.append(trainer.step(x, alpha))

@@ -1,0 +1,111 @@
+"""Training and evaluation throughput of ReContrast (prints numbers; asserts nothing).
+
+    python benchmarks/speed.py --device cuda                 # paper + lite0 configs on a GPU
+    python benchmarks/speed.py --device cpu --configs lite0 --train-iters 3 --eval-batches 2
+
+Configurations:
+- ``paper``: wide_resnet50_2 (random weights are fine for speed), batch 16, 256 px.
+- ``lite0``: tf_efficientnet_lite0 with post-activation taps, batch 16, 256 px.
+
+Training images/s counts optimiser steps x batch (the frozen copy's forward included);
+evaluation images/s counts the whole scoring path: forward, six-pair anomaly map,
+upsample, Gaussian blur (sigma 4) and image score, all on the device. Peak GPU memory
+is reported per phase. Timed regions end with a device synchronisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from recontrast_core.bundle import build_model
+from recontrast_core.config import BackboneConfig, InferenceConfig, TrainConfig
+from recontrast_core.inference import predict_batch
+from recontrast_core.runtime import amp_dtype_for
+from recontrast_core.train import Trainer
+
+CONFIGS = {
+    "paper": dict(backbone=BackboneConfig(name="wide_resnet50_2", weights="none")),
+    "lite0": dict(backbone=BackboneConfig(name="tf_efficientnet_lite0", weights="none")),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(name: str, device: torch.device, args) -> dict:
+    cfg = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, device=str(device), amp=not args.fp32, **CONFIGS[name])
+    trainer = Trainer(build_model(cfg), cfg, device)
+    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        trainer.step(x, 1.0)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.train_iters):
+        trainer.step(x, 1.0)
+    _sync(device)
+    train_s = time.perf_counter() - t0
+    train_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    model = trainer.model.eval()
+    inf = InferenceConfig()
+    xe = torch.randn(args.eval_batch, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    amp = amp_dtype_for(device, cfg.amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        predict_batch(model, xe, inf, amp)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.eval_batches):
+        predict_batch(model, xe, inf, amp)
+    _sync(device)
+    eval_s = time.perf_counter() - t0
+    eval_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "config": name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": "fp32" if amp is None else "bf16 autocast",
+        "train_images_per_s": round(args.train_iters * cfg.batch_size / train_s, 2),
+        "eval_images_per_s": round(args.eval_batches * args.eval_batch / eval_s, 2),
+        "train_peak_gib": None if train_mem is None else round(train_mem, 2),
+        "eval_peak_gib": None if eval_mem is None else round(eval_mem, 2),
+        "batch": cfg.batch_size,
+        "eval_batch": args.eval_batch,
+        "image_size": cfg.image_size,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--configs", default="paper,lite0")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-iters", type=int, default=50)
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    results = [bench(name, device, args) for name in args.configs.split(",")]
+    for r in results:
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
