@@ -19,6 +19,7 @@ def train_op(
     encoder_bn: str,
     seed: int,
     device: str,
+    extra_settings: dict,
     pipeline_run_id: str,
     kfp_run_id: str,
     tracking_uri: str,
@@ -26,7 +27,9 @@ def train_op(
     bundle: Output[Model],
     init_encoder: Input[Artifact] = None,
 ):
-    """Writes the model bundle into ``bundle``; ``init_encoder``: the adapt output, if any."""
+    """Writes the model bundle into ``bundle``; ``init_encoder``: the adapt output, if any.
+    ``extra_settings``: ``{"train": {...}, "inference": {...}, "calibration": {...}}``, the
+    settings not covered by the other parameters (dotted keys allowed)."""
     from pathlib import Path
 
     from recontrast_core import steps
@@ -45,10 +48,13 @@ def train_op(
         encoder_bn=encoder_bn,
         seed=seed,
         device=device,
+        inference=extra_settings.get("inference") or None,
+        calibration=extra_settings.get("calibration") or None,
         pipeline_run_id=pipeline_run_id or kfp_run_id,
         tracking_uri=tracking_uri or None,
         experiment=experiment,
         progress=False,
+        **(extra_settings.get("train") or {}),
     )
     bundle.metadata.update({
         "framework": "recontrast",

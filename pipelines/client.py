@@ -13,12 +13,27 @@ Authentication is whatever ``kfp.Client`` picks up (``existing_token``, ``KF_PIP
 env, in-cluster service-account token); no credential is passed through here.
 """
 
+import contextlib
 import datetime as _dt
+import functools
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 DEFAULT_EXPERIMENT = "recontrast"
+
+
+def _quiet_stdout(fn):
+    """kfp.Client prints "Experiment details: <url>" lines to stdout; send them to stderr
+    so that stdout stays free for results (``--json``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _client(host: str, namespace: Optional[str] = None, existing_token: Optional[str] = None):
@@ -50,6 +65,7 @@ def ensure_experiment(client, name: str, namespace: Optional[str] = None, descri
     return exp.experiment_id
 
 
+@_quiet_stdout
 def submit(
     host: str,
     params: Optional[Mapping[str, Any]] = None,
@@ -102,6 +118,7 @@ def _upload(client, package: str, pipeline_name: str, namespace: Optional[str]) 
     return pipeline_id, version_id
 
 
+@_quiet_stdout
 def schedule(
     host: str,
     cron: str,

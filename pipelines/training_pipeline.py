@@ -26,9 +26,10 @@ artifact out of a condition with ``dsl.OneOf``, so the tail is wired by one help
 both branches instead.
 """
 
+import io
 import os
+import re
 from pathlib import Path
-from typing import Optional
 
 from kfp import compiler, dsl, kubernetes
 
@@ -132,6 +133,7 @@ def training_pipeline(
     encoder_bn: str = _D.train.encoder_bn,
     seed: int = _D.train.seed,
     device: str = _D.train.device,
+    extra_settings: dict = {},
     model_name: str = _D.registry.model_name,
     primary_metric: str = _D.registry.primary_metric,
     margin: float = _D.registry.margin,
@@ -155,7 +157,7 @@ def training_pipeline(
                        backbone_weights=backbone_weights, feature_location=feature_location,
                        seed=seed, device=device)
     settings = dict(shots=shots, iterations=iterations, batch_size=batch_size,
-                    encoder_bn=encoder_bn, **backbone_kw)
+                    encoder_bn=encoder_bn, extra_settings=extra_settings, **backbone_kw)
     registry = dict(model_name=model_name, primary_metric=primary_metric, margin=margin,
                     floors=floors)
 
@@ -183,6 +185,37 @@ GOLDEN_PATH = Path(__file__).resolve().parent / "compiled" / "training_pipeline.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# TrainConfig fields that have their own pipeline parameter; the others travel in
+# ``extra_settings`` when they differ from the defaults.
+_COVERED_TRAIN = {"backbone.name", "backbone.weights", "backbone.feature_location", "image_size",
+                  "iterations", "batch_size", "encoder_bn", "seed", "device"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def extra_settings_of(cfg: PipelineConfig) -> dict:
+    """``{"train": {dotted: value}, "inference": {...}, "calibration": {...}}`` with the
+    settings that differ from the defaults and have no pipeline parameter of their own."""
+    out = {}
+    for section in ("train", "inference", "calibration"):
+        now = _flat(getattr(cfg, section).model_dump(mode="json"))
+        default = _flat(getattr(_D, section).model_dump(mode="json"))
+        diff = {k: v for k, v in now.items() if v != default.get(k)
+                and not (section == "train" and k in _COVERED_TRAIN)}
+        if diff:
+            out[section] = diff
+    return out
+
+
 def pipeline_arguments(cfg: PipelineConfig, pipeline_run_id: str = "") -> dict:
     """The pipeline parameters for a :class:`PipelineConfig` (``None`` -> ``""`` / 0)."""
     d, t, a, r = cfg.data, cfg.train, cfg.adapt, cfg.registry
@@ -207,6 +240,7 @@ def pipeline_arguments(cfg: PipelineConfig, pipeline_run_id: str = "") -> dict:
         "encoder_bn": t.encoder_bn,
         "seed": t.seed,
         "device": t.device,
+        "extra_settings": extra_settings_of(cfg),
         "model_name": r.model_name,
         "primary_metric": r.primary_metric,
         "margin": r.margin,
@@ -217,17 +251,67 @@ def pipeline_arguments(cfg: PipelineConfig, pipeline_run_id: str = "") -> dict:
     }
 
 
+class _RunnerLog(io.TextIOBase):
+    """Where the local runner's output goes: every line to ``log_path``; the lines that
+    say which step runs / finished / failed (or all, ``verbose``) also to stderr."""
+
+    KEY = re.compile(r"Executing task|finished with status|Traceback|Error|error:")
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, log_path: Path, verbose: bool = False):
+        self._file = open(log_path, "a", encoding="utf-8")
+        self._verbose = verbose
+        self._buf = ""
+        self.tail: list[str] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        import sys
+
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            plain = self.ANSI.sub("", line)
+            self._file.write(plain + "\n")
+            self.tail = (self.tail + [plain])[-60:]
+            if self._verbose or self.KEY.search(plain):
+                sys.stderr.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        if self._buf:
+            self.write("\n")
+        self._file.close()
+        super().close()
+
+
 def run_local(
     arguments: dict,
     pipeline_root: os.PathLike | str = "runs/kfp-local",
+    *,
+    verbose: bool = False,
 ) -> dict:
     """Run the whole pipeline on this machine with KFP's local ``SubprocessRunner``
     (``use_venv=False``: the components run in this Python environment; kfp-kubernetes
-    settings are ignored). Returns the register step's decision. The MLflow parent run is
-    closed as FAILED when a step fails, and the error is re-raised."""
+    settings are ignored). Returns the register step's decision.
+
+    The runner's full log goes to ``<pipeline_root>/<pipeline_run_id>.log``; stderr shows
+    the step transitions (everything with ``verbose``) and, on failure, the log's tail.
+    When a step fails the MLflow parent run is closed as FAILED and a UserError raised.
+    """
     import contextlib
     import json
     import sys
+    import uuid
+    import warnings
 
     from kfp import local
 
@@ -240,13 +324,20 @@ def run_local(
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    log_path = root / f"{arguments.get('pipeline_run_id') or uuid.uuid4().hex[:12]}.log"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True)
+    log = _RunnerLog(log_path, verbose=verbose)
     try:
         # The local runner logs (its own and the steps') to stdout: keep stdout for results.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            # Expected locally: cluster settings are ignored, the project image is not used.
+            warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+            warnings.filterwarnings("ignore", message=r".*non-Python base image")
             task = training_pipeline(**arguments)
     except RuntimeError as exc:
+        if not verbose:
+            sys.stderr.write("\n".join(log.tail[-40:]) + "\n")
         if arguments.get("pipeline_run_id"):
             try:
                 tracking.end_pipeline_run(
@@ -256,8 +347,13 @@ def run_local(
                 )
             except Exception:  # the tracking store itself may be the problem
                 pass
-        raise UserError(f"local pipeline run failed (the step's error is in the log above): {exc}") from exc
-    return json.loads(task.output)
+        raise UserError(f"local pipeline run failed: {log.ANSI.sub('', str(exc))} (full log: {log_path})") from exc
+    finally:
+        log.close()
+    result = json.loads(task.output)
+    result["log"] = str(log_path)
+    return result
+
 
 if __name__ == "__main__":  # pragma: no cover
     print(compile_pipeline(GOLDEN_PATH))

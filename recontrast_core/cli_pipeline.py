@@ -122,6 +122,7 @@ def run_cmd(
                                        help="Where the local runner keeps step outputs."),
     pipeline_run_id: Optional[str] = typer.Option(None, "--pipeline-run-id",
                                                   help="MLflow/registry run id (default: a new one)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Stream the full runner log."),
     as_json: bool = AsJson,
 ) -> None:
     """Run the whole pipeline locally (``--local``): same components as on the cluster."""
@@ -134,7 +135,7 @@ def run_cmd(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
             backbone, device, model_name, tracking_uri))
         run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
-        result = run_local(pipeline_arguments(cfg, run_id), pipeline_root)
+        result = run_local(pipeline_arguments(cfg, run_id), pipeline_root, verbose=verbose)
         if as_json:
             emit_json(result)
         else:
@@ -142,10 +143,15 @@ def run_cmd(
 
 
 def _cluster_arguments(params, overrides: dict) -> dict:
+    """Pipeline parameters for a cluster run. A plain-folder source is copied into the
+    ingest artifact there (the later steps run in other pods)."""
     from pipelines.training_pipeline import pipeline_arguments
 
     cfg = build_pipeline_config(params, **overrides)
-    return pipeline_arguments(cfg)
+    args = pipeline_arguments(cfg)
+    if not args["dvc_repo"] and not args["source"].startswith("s3://"):
+        args["copy_local"] = True
+    return args
 
 
 @pipeline_app.command("submit")

@@ -431,15 +431,16 @@ def fetch_dvc_path(
     if s3_endpoint_url:
         kw["remote_config"] = {"endpointurl": s3_endpoint_url}
     dest = Path(dest)
+    where = f"{_redacted_uri(str(repo))}@{rev or 'HEAD'}"
     try:
         fs = DVCFileSystem(repo, rev=rev or None, **kw)
     except Exception as exc:  # scmrepo/dvc errors: bad repo, unknown revision
-        raise UserError(f"{repo}@{rev or 'HEAD'}: cannot open the DVC repository: {exc}") from exc
+        raise UserError(f"{where}: cannot open the DVC repository: {exc}") from exc
     commit = _dvc_commit(fs, repo, rev)
     src = path.strip("/") or "/"
     try:
         if not fs.exists(src):
-            raise UserError(f"{repo}@{rev or 'HEAD'}: {path} not found in the repository")
+            raise UserError(f"{where}: {path} not found in the repository")
         if dest.exists():
             shutil.rmtree(dest)
         if fs.isdir(src):
@@ -451,7 +452,7 @@ def fetch_dvc_path(
     except UserError:
         raise
     except Exception as exc:  # dvc: missing cache/remote data, auth, network
-        raise UserError(f"{repo}@{rev or 'HEAD'}: cannot fetch {path}: {exc}") from exc
+        raise UserError(f"{where}: cannot fetch {path}: {exc}") from exc
     return commit
 
 
@@ -508,8 +509,8 @@ def ingest(
     ``AWS_ENDPOINT_URL`` / ``S3_ENDPOINT_URL``); or, with ``dvc_repo``, a path inside that
     DVC-tracked git repository at ``dvc_rev`` (fetched to ``out_dir/data`` through
     ``DVCFileSystem``). A dataset that fails validation raises
-    :class:`~recontrast_core.errors.DataValidationError` naming the file, and nothing is
-    written. Returns the manifest path.
+    :class:`~recontrast_core.errors.DataValidationError` naming the file, and no manifest
+    is written. Returns the manifest path.
     """
     from .data.layouts import read_dataset
     from .data.validate import validate_manifest
@@ -680,7 +681,8 @@ def train(
         from .train import train_model
 
         result = train_model(
-            manifest, cfg, out, init_encoder=encoder, resume=resume, progress=progress,
+            manifest, cfg, out, init_encoder=str(encoder) if encoder else None, resume=resume,
+            progress=progress,
             calibration=cal, inference=inf,
         )
         if run_id is not None:

@@ -6,7 +6,8 @@
   ``normalize(z - c)``;
 * loss = NT-Xent between two augmented views on the mean-shifted features (temperature
   0.25) + ``angular_weight`` * the angular center term ``mean ||z1 - c||^2 + mean
-  ||z2 - c||^2`` (the reference code's ``--angular`` option, weight 1);
+  ||z2 - c||^2`` (the reference code's ``--angular`` option, weight 1, which also
+  L2-normalises the center);
 * SGD lr 1e-5, weight decay 5e-5; BatchNorm frozen (the encoder stays in eval mode);
   MoCo-v2 views (:class:`~recontrast_core.adapt.views.MocoViews`).
 
@@ -93,6 +94,8 @@ def train_msc(embedder: Embedder, images_uint8: torch.Tensor, cfg: AdaptConfig, 
     encoder = embedder.encoder
     encoder.eval()  # BatchNorm frozen: running statistics are never updated
     center = compute_center(embedder.embed(images_uint8)).to(device)
+    if cfg.angular_weight:
+        center = F.normalize(center, dim=0)  # the reference code's --angular variant
     params = trainable_parameters(encoder, cfg.freeze_levels)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     views = MocoViews(images_uint8.shape[-1], crop_scale=cfg.crop_scale)

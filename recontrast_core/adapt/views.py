@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.transforms import v2
 
 
 class MocoViews:
@@ -21,6 +20,8 @@ class MocoViews:
 
     def __init__(self, size: int, crop_scale: tuple[float, float] = (0.2, 1.0), jitter: float = 0.4,
                  hue: float = 0.1):
+        from torchvision.transforms import v2  # imported on first use (slow import)
+
         sig_hi = max(0.1, 2.0 * size / 224.0)
         sig_lo = min(0.1, sig_hi)
         kernel = 2 * math.ceil(3 * sig_hi) + 1

@@ -1,0 +1,92 @@
+"""``recontrast adapt``: contrastive adaptation of the encoder (mounted by cli.py).
+
+Writes ``OUT/encoder.safetensors`` + ``OUT/encoder.json`` (see :func:`recontrast_core.adapt.run_adapt`);
+``recontrast train --init-encoder OUT/encoder.safetensors`` starts ReContrast from it.
+Bad settings (unknown method, more shots than normal training images) exit with code 2
+and one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .cli_common import console, emit_json, summary_table, user_errors
+from .errors import UserError
+
+METHODS = ("msc", "coft")
+
+
+def build_adapt_config(config: Optional[Path], overrides: dict[str, Any]):
+    """AdaptConfig from an optional YAML file (its ``adapt:`` section) plus flag overrides."""
+    from pydantic import ValidationError
+
+    from .config import AdaptConfig, load_yaml_config
+
+    cfg = load_yaml_config(config, AdaptConfig, section="adapt") if config else AdaptConfig()
+    data = cfg.model_dump()
+    data["backbone"].update({k: v for k, v in overrides.pop("backbone", {}).items() if v is not None})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AdaptConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def adapt_command(
+    dataset: Path = typer.Argument(..., help="MVTec-layout folder or a manifest.json"),
+    method: str = typer.Option("msc", "--method", "-m", help="msc (many normal images) | coft (few-shot)"),
+    shots: Optional[int] = typer.Option(None, "--shots", "-k", help="Few-shot: adapt on K normal training images (coft: default all)"),
+    out: Path = typer.Option(Path("runs/adapt"), "--out", "-o", help="Output folder (encoder.safetensors, encoder.json)"),
+    config: Optional[Path] = typer.Option(None, help="YAML file with an 'adapt:' section (flags override it)"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (MSC: passes over the images; COFT: coft.steps_per_epoch steps each)"),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (MSC: images, two views each; COFT: normal views + anomalies)"),
+    image_size: Optional[int] = typer.Option(None, help="Square input size; use the size you train ReContrast at"),
+    lr: Optional[float] = typer.Option(None, help="MSC learning rate (paper: 1e-5); COFT's is coft.lr in --config"),
+    backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (offline default), wide_resnet50_2, resnet18, or any timm name"),
+    weights: Optional[str] = typer.Option(None, help="'imagenet' or a local/s3:// state_dict to start from"),
+    feature_location: Optional[str] = typer.Option(None, help="auto | bottleneck | expansion (must match training)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    seed: Optional[int] = typer.Option(None),
+    layout: str = typer.Option("auto", help="auto | mvtec | manifest"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable summary on stdout"),
+) -> None:
+    """Adapt the encoder to the domain (MSC) or to a few normal shots (COFT-AD)."""
+    with user_errors():
+        if method not in METHODS:
+            raise UserError(f"unknown adaptation method {method!r}; choose msc or coft")
+        cfg = build_adapt_config(config, {
+            "method": method, "shots": shots, "epochs": epochs, "batch_size": batch_size,
+            "image_size": image_size, "lr": lr, "device": device, "seed": seed,
+            "backbone": {"name": backbone, "weights": weights, "feature_location": feature_location},
+        })
+        from .adapt import META_FILE, run_adapt, sample_shots
+        from .data.layouts import read_dataset
+        from .data.validate import validate_manifest
+
+        manifest = read_dataset(dataset, layout=layout)
+        if cfg.shots is not None:
+            sample_shots(manifest, cfg.shots, cfg.shots_seed)  # fail fast: k too large
+        report = validate_manifest(manifest, progress=progress)
+        for warning in report.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        path = run_adapt(manifest, cfg, out, progress=progress)
+        meta = json.loads(path.with_name(META_FILE).read_text())
+        summary = {
+            "encoder": str(path),
+            "metadata": str(path.with_name(META_FILE)),
+            "method": cfg.method,
+            "images": meta["n_images"],
+            "epochs": cfg.epochs,
+            "final_loss": meta["final_loss"],
+            "wall_time_s": meta["wall_time_s"],
+            "device": meta["device"],
+        }
+        console.print(summary_table(f"adapt ({cfg.method})", summary))
+        if json_out:
+            emit_json(summary)
