@@ -51,18 +51,19 @@ def _mean_std(values: list[float]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64, help="MSC batch")
-    ap.add_argument("--msc-epochs", type=int, default=5)
+    ap.add_argument("--msc-epochs", type=int, default=10)
     ap.add_argument("--msc-lr", type=float, default=1e-2)
     ap.add_argument("--msc-momentum", type=float, default=0.0)
+    ap.add_argument("--msc-angular", type=float, default=1.0, help="angular center term weight")
     ap.add_argument("--freeze-levels", type=int, default=2)
     ap.add_argument("--shots", default="2,4,8,16")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--coft-epochs", type=int, default=4, help="x coft.steps_per_epoch (5) steps")
+    ap.add_argument("--coft-epochs", type=int, default=20, help="x coft.steps_per_epoch (1) steps")
     ap.add_argument("--coft-batch-size", type=int, default=16, help="normal views + synthesised anomalies")
-    ap.add_argument("--coft-lr", type=float, default=1e-3)
-    ap.add_argument("--fit-views", type=int, default=8, help="augmented views per shot for the Gaussian")
+    ap.add_argument("--coft-lr", type=float, default=5e-2)
+    ap.add_argument("--fit-views", type=int, default=16, help="augmented views per shot for the Gaussian")
     ap.add_argument("--skip-msc", action="store_true")
     ap.add_argument("--skip-fewshot", action="store_true")
     ap.add_argument("--save-msc", type=Path, default=None, help="also write the MSC encoder (encoder.safetensors) here")
@@ -83,7 +84,7 @@ def main() -> None:
     path_index = {e.path: i for i, e in enumerate(train_rows.entries)}
     base = AdaptConfig(image_size=args.image_size, freeze_levels=args.freeze_levels, device=str(device))
     msc_cfg = base.model_copy(update={"epochs": args.msc_epochs, "batch_size": args.batch_size, "lr": args.msc_lr,
-                                      "momentum": args.msc_momentum})
+                                      "momentum": args.msc_momentum, "angular_weight": args.msc_angular})
     coft_cfg = base.model_copy(update={
         "method": "coft", "epochs": args.coft_epochs, "batch_size": args.coft_batch_size,
         "coft": base.coft.model_copy(update={"lr": args.coft_lr, "fit_views": args.fit_views}),

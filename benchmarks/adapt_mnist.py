@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--level", type=int, default=-1)
     ap.add_argument("--angular", type=float, default=0.0, help="angular center term weight")
     ap.add_argument("--crop-min", type=float, default=0.2, help="RandomResizedCrop lower scale")
+    ap.add_argument("--no-hflip", action="store_true", help="no horizontal flips in the views")
     ap.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     ap.add_argument("--tune", action="store_true", help="validation split inside the training part")
     ap.add_argument("--seed", type=int, default=0)
@@ -77,7 +78,8 @@ def main() -> None:
     images, y = load_mnist(args.image_size)
     cfg = AdaptConfig(image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       momentum=args.momentum, freeze_levels=args.freeze_levels, level=args.level,
-                      angular_weight=args.angular, crop_scale=(args.crop_min, 1.0), seed=args.seed, device=str(device))
+                      angular_weight=args.angular, crop_scale=(args.crop_min, 1.0), hflip=not args.no_hflip,
+                      seed=args.seed, device=str(device))
     t_all = time.perf_counter()
     frozen = Embedder(create_encoder(BackboneConfig()), cfg.level, cfg.pool, device, batch_size=250).embed(images)
     rows = []

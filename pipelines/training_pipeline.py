@@ -26,6 +26,7 @@ artifact out of a condition with ``dsl.OneOf``, so the tail is wired by one help
 both branches instead.
 """
 
+import contextlib
 import io
 import os
 import re
@@ -251,6 +252,10 @@ def pipeline_arguments(cfg: PipelineConfig, pipeline_run_id: str = "") -> dict:
     }
 
 
+# The last line of a Python traceback: "package.module.SomeError: message".
+_EXCEPTION_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception|Invalid|Exit)\w*: \S")
+
+
 class _RunnerLog(io.TextIOBase):
     """Where the local runner's output goes: every line to ``log_path``; the lines that
     say which step runs / finished / failed (or all, ``verbose``) also to stderr."""
@@ -293,15 +298,39 @@ class _RunnerLog(io.TextIOBase):
         super().close()
 
 
+@contextlib.contextmanager
+def _without_retries(pipeline):
+    """Run ``pipeline`` (a compiled ``@dsl.pipeline``) with every task's retry policy
+    cleared; the pipeline's own spec (what ``compile`` writes) is restored afterwards."""
+    graph = pipeline.component_spec.implementation.graph
+    local_graph = type(graph)()
+    local_graph.CopyFrom(graph)
+    dags = [local_graph.root.dag] + [c.dag for c in local_graph.components.values() if c.HasField("dag")]
+    for dag in dags:
+        for task in dag.tasks.values():
+            task.ClearField("retry_policy")
+    pipeline.component_spec.implementation.graph = local_graph
+    try:
+        yield pipeline
+    finally:
+        pipeline.component_spec.implementation.graph = graph
+
+
 def run_local(
     arguments: dict,
     pipeline_root: os.PathLike | str = "runs/kfp-local",
     *,
     verbose: bool = False,
+    retries: bool = False,
 ) -> dict:
     """Run the whole pipeline on this machine with KFP's local ``SubprocessRunner``
     (``use_venv=False``: the components run in this Python environment; kfp-kubernetes
     settings are ignored). Returns the register step's decision.
+
+    The cluster's task retries (30 s, 60 s, 120 s backoff) are off unless ``retries``:
+    KFP's local runner honours them, and locally they would only repeat a deterministic
+    failure (a bad dataset) for minutes; the steps retry transient S3/HTTP errors
+    themselves.
 
     The runner's full log goes to ``<pipeline_root>/<pipeline_run_id>.log``; stderr shows
     the step transitions (everything with ``verbose``) and, on failure, the log's tail.
@@ -334,20 +363,25 @@ def run_local(
             # Expected locally: cluster settings are ignored, the project image is not used.
             warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
             warnings.filterwarnings("ignore", message=r".*non-Python base image")
-            task = training_pipeline(**arguments)
+            with contextlib.nullcontext() if retries else _without_retries(training_pipeline):
+                task = training_pipeline(**arguments)
     except RuntimeError as exc:
         if not verbose:
             sys.stderr.write("\n".join(log.tail[-40:]) + "\n")
         if arguments.get("pipeline_run_id"):
             try:
-                tracking.end_pipeline_run(
-                    arguments["pipeline_run_id"], "FAILED",
-                    experiment=arguments.get("experiment") or "recontrast",
-                    tracking_uri=arguments.get("tracking_uri") or None,
-                )
+                with contextlib.redirect_stdout(log):  # MLflow prints "View run ..." links
+                    tracking.end_pipeline_run(
+                        arguments["pipeline_run_id"], "FAILED",
+                        experiment=arguments.get("experiment") or "recontrast",
+                        tracking_uri=arguments.get("tracking_uri") or None,
+                    )
             except Exception:  # the tracking store itself may be the problem
                 pass
-        raise UserError(f"local pipeline run failed: {log.ANSI.sub('', str(exc))} (full log: {log_path})") from exc
+        # The failed step's exception (e.g. the dataset validation error naming the file).
+        cause = next((line.strip() for line in reversed(log.tail) if _EXCEPTION_LINE.match(line)), "")
+        raise UserError(f"local pipeline run failed: {log.ANSI.sub('', str(exc)).rstrip('.')}"
+                        + (f"; {cause}" if cause else "") + f" (full log: {log_path})") from exc
     finally:
         log.close()
     result = json.loads(task.output)

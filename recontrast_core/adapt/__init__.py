@@ -155,7 +155,7 @@ def make_scorer(encoder, cfg: AdaptConfig, device: Optional[torch.device] = None
     if kind == "knn":
         return KNNScorer(embedder, cfg.knn_k)
     if kind == "mahalanobis":
-        return MahalanobisScorer(embedder, cfg.coft.fit_views, cfg.coft.crop_scale, seed=cfg.seed)
+        return MahalanobisScorer(embedder, cfg.coft.fit_views, cfg.coft.crop_scale, seed=cfg.seed, hflip=cfg.hflip)
     raise ValueError(f"unknown scorer {kind!r} (knn | mahalanobis)")
 
 

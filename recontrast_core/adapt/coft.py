@@ -90,7 +90,7 @@ def train_coft(embedder: Embedder, shots_uint8: torch.Tensor, cfg: AdaptConfig, 
     encoder.eval()  # BatchNorm frozen: a few shots give no usable batch statistics
     params = trainable_parameters(encoder, cfg.freeze_levels)
     opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    views = MocoViews(shots_uint8.shape[-1], crop_scale=c.crop_scale)
+    views = MocoViews(shots_uint8.shape[-1], crop_scale=c.crop_scale, hflip=cfg.hflip)
     bn, ba = batch_split(cfg.batch_size, c.anomaly_fraction)
     shots01 = to_unit(shots_uint8, device)
     history: list[dict] = []
@@ -146,17 +146,18 @@ class MahalanobisScorer:
     """Fit on the shots (plus ``fit_views`` augmented views of each), score images."""
 
     def __init__(self, embedder: Embedder, fit_views: int = 16, crop_scale: tuple[float, float] = (0.5, 1.0),
-                 seed: int = 0):
+                 seed: int = 0, hflip: bool = True):
         self.embedder = embedder
         self.fit_views = int(fit_views)
         self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
         self.seed = int(seed)
         self.gaussian = GaussianModel()
 
     def fit(self, shots_uint8: torch.Tensor) -> "MahalanobisScorer":
         feats = [self.embedder.embed(shots_uint8)]
         if self.fit_views:
-            views = MocoViews(shots_uint8.shape[-1], crop_scale=self.crop_scale)
+            views = MocoViews(shots_uint8.shape[-1], crop_scale=self.crop_scale, hflip=self.hflip)
             shots01 = to_unit(shots_uint8, self.embedder.device)
             state = torch.get_rng_state()
             torch.manual_seed(self.seed)  # the views draw from the global generator

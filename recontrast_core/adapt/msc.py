@@ -98,7 +98,7 @@ def train_msc(embedder: Embedder, images_uint8: torch.Tensor, cfg: AdaptConfig, 
         center = F.normalize(center, dim=0)  # the reference code's --angular variant
     params = trainable_parameters(encoder, cfg.freeze_levels)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    views = MocoViews(images_uint8.shape[-1], crop_scale=cfg.crop_scale)
+    views = MocoViews(images_uint8.shape[-1], crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, math.ceil(n / batch) - (1 if n % batch == 1 else 0))
     history: list[dict] = []

@@ -19,7 +19,7 @@ class MocoViews:
     """``float [B,3,S,S]`` in [0, 1] -> one augmented view per image, same shape."""
 
     def __init__(self, size: int, crop_scale: tuple[float, float] = (0.2, 1.0), jitter: float = 0.4,
-                 hue: float = 0.1):
+                 hue: float = 0.1, hflip: bool = True):
         from torchvision.transforms import v2  # imported on first use (slow import)
 
         sig_hi = max(0.1, 2.0 * size / 224.0)
@@ -31,7 +31,7 @@ class MocoViews:
             v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, hue)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply([v2.GaussianBlur(kernel, sigma=(sig_lo, sig_hi))], p=0.5),
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(p=0.5 if hflip else 0.0),
         ])
 
     def __call__(self, x01: torch.Tensor) -> torch.Tensor:

@@ -169,3 +169,20 @@ def test_image_is_overridable_at_compile_time(tmp_path: Path) -> None:
     spec, _ = _docs(out)
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example/ml/recontrast:test"}
+
+
+def test_local_runs_drop_the_cluster_retries() -> None:
+    """KFP's local runner honours retry policies; ``run_local`` runs a copy of the spec
+    without them (a bad dataset would otherwise be re-validated for minutes) and leaves
+    the pipeline's own spec, the one ``compile`` writes, as it was."""
+    from pipelines.training_pipeline import _without_retries, training_pipeline
+
+    def retries(spec) -> list[int]:
+        dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]
+        return [t.retry_policy.max_retry_count for d in dags for t in d.tasks.values()]
+
+    before = retries(training_pipeline.pipeline_spec)
+    assert before.count(3) == 5  # ingest + evaluate and register in both branches
+    with _without_retries(training_pipeline):
+        assert set(retries(training_pipeline.pipeline_spec)) == {0}
+    assert retries(training_pipeline.pipeline_spec) == before
