@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import console, emit_json, summary_table, user_errors
+from .cli_common import config_with_overrides, console, emit_json, read_validated_dataset, summary_table, user_errors
 
 app = typer.Typer(
     name="recontrast",
@@ -26,36 +26,8 @@ DatasetArg = typer.Argument(..., help="MVTec-layout folder, a normal-images fold
 
 def load_manifest(dataset: Path, layout: str, abnormal_dir: Optional[Path], mask_dir: Optional[Path], progress: bool):
     """Read and validate a dataset before any work; raises UserError naming the bad file."""
-    from .data.layouts import read_dataset
-    from .data.validate import validate_manifest
-
-    kwargs: dict[str, Any] = {}
-    if layout == "folder":
-        kwargs = {"abnormal_dir": abnormal_dir, "mask_dir": mask_dir}
-    manifest = read_dataset(dataset, layout=layout, **kwargs)
-    report = validate_manifest(manifest, progress=progress)
-    for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
-    return manifest
-
-
-def _train_config(config: Optional[Path], overrides: dict[str, Any]):
-    from .config import TrainConfig, load_yaml_config
-
-    cfg = load_yaml_config(config, TrainConfig, section="train") if config else TrainConfig()
-    backbone = {k: v for k, v in overrides.pop("backbone").items() if v is not None}
-    data = cfg.model_dump()
-    data["backbone"].update(backbone)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    from pydantic import ValidationError
-
-    from .errors import UserError
-
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    options = {"abnormal_dir": abnormal_dir, "mask_dir": mask_dir} if layout == "folder" else {}
+    return read_validated_dataset(dataset, layout, progress, **options)
 
 
 @app.command()
@@ -89,7 +61,9 @@ def train(
         from .config import CalibrationConfig
         from .train import train_model
 
-        cfg = _train_config(config, {
+        from .config import TrainConfig
+
+        cfg = config_with_overrides(TrainConfig, config, "train", {
             "backbone": {"name": backbone, "weights": weights, "feature_location": feature_location},
             "image_size": image_size, "iterations": iterations, "batch_size": batch_size,
             "encoder_bn": encoder_bn, "seed": seed, "device": device,

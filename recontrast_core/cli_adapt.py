@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import console, emit_json, summary_table, user_errors
+from .cli_common import config_with_overrides, console, emit_json, read_validated_dataset, summary_table, user_errors
 from .errors import UserError
 
 METHODS = ("msc", "coft")
@@ -22,19 +22,9 @@ METHODS = ("msc", "coft")
 
 def build_adapt_config(config: Optional[Path], overrides: dict[str, Any]):
     """AdaptConfig from an optional YAML file (its ``adapt:`` section) plus flag overrides."""
-    from pydantic import ValidationError
+    from .config import AdaptConfig
 
-    from .config import AdaptConfig, load_yaml_config
-
-    cfg = load_yaml_config(config, AdaptConfig, section="adapt") if config else AdaptConfig()
-    data = cfg.model_dump()
-    data["backbone"].update({k: v for k, v in overrides.pop("backbone", {}).items() if v is not None})
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return AdaptConfig.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return config_with_overrides(AdaptConfig, config, "adapt", overrides)
 
 
 def adapt_command(
@@ -67,14 +57,10 @@ def adapt_command(
         })
         from .adapt import META_FILE, run_adapt, sample_shots
         from .data.layouts import read_dataset
-        from .data.validate import validate_manifest
 
-        manifest = read_dataset(dataset, layout=layout)
-        if cfg.shots is not None:
-            sample_shots(manifest, cfg.shots, cfg.shots_seed)  # fail fast: k too large
-        report = validate_manifest(manifest, progress=progress)
-        for warning in report.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+        if cfg.shots is not None:  # fail fast, before validating every file: k too large
+            sample_shots(read_dataset(dataset, layout=layout), cfg.shots, cfg.shots_seed)
+        manifest = read_validated_dataset(dataset, layout, progress)
         path = run_adapt(manifest, cfg, out, progress=progress)
         meta = json.loads(path.with_name(META_FILE).read_text())
         summary = {

@@ -42,3 +42,38 @@ def summary_table(title: str, rows: dict[str, Any]) -> Table:
     for key, value in rows.items():
         table.add_row(str(key), f"{value:.4f}" if isinstance(value, float) else str(value))
     return table
+
+
+def config_with_overrides(model, config_path, section: str, overrides: dict):
+    """A config model from an optional YAML file's ``section`` plus non-None flag overrides.
+
+    ``overrides["backbone"]`` (a dict) is merged into the nested backbone settings.
+    Invalid values become a one-line UserError naming the field.
+    """
+    from pydantic import ValidationError
+
+    from .config import load_yaml_config
+
+    cfg = load_yaml_config(config_path, model, section=section) if config_path else model()
+    data = cfg.model_dump()
+    backbone = {k: v for k, v in (overrides.pop("backbone", None) or {}).items() if v is not None}
+    if backbone:
+        data["backbone"].update(backbone)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def read_validated_dataset(dataset, layout: str = "auto", progress: bool = True, **layout_options):
+    """Read a dataset and validate every file before any work; warnings go to the console."""
+    from .data.layouts import read_dataset
+    from .data.validate import validate_manifest
+
+    manifest = read_dataset(dataset, layout=layout, **layout_options)
+    report = validate_manifest(manifest, progress=progress)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    return manifest
