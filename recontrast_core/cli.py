@@ -45,7 +45,8 @@ def train(
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     checkpoint_every: Optional[int] = typer.Option(None),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Flip/jitter augmentation (few-shot)"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Flip/jitter augmentation (on by default with --shots)"),
+    shots: Optional[int] = typer.Option(None, "--shots", "-k", help="Few-shot ReContrast: train on K normal images (the adapt step's deterministic choice)"),
     init_encoder: Optional[str] = typer.Option(None, help="Adapted encoder weights (from `recontrast adapt`) for both encoder copies"),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.pt"),
     layout: str = typer.Option("auto", help="auto | mvtec | folder | manifest"),
@@ -71,6 +72,12 @@ def train(
         })
         calib = CalibrationConfig(**{k: v for k, v in {"validation_fraction": validation_fraction, "target_fpr": target_fpr}.items() if v is not None})
         manifest = load_manifest(dataset, layout, abnormal_dir, mask_dir, progress)
+        if shots:
+            from .steps import select_shots
+
+            manifest = select_shots(manifest, shots)
+            if augment is None:
+                cfg = cfg.model_copy(update={"augment": True})
         result = train_model(manifest, cfg, out, init_encoder=init_encoder, resume=resume, progress=progress, calibration=calib)
         summary = {
             "bundle": str(result.bundle_dir),

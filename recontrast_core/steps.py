@@ -216,18 +216,14 @@ def find_encoder(path: Optional[PathLike]) -> Optional[Path]:
 
 
 def select_shots(manifest: Manifest, shots: Optional[int], seed: int = SHOTS_SEED) -> Manifest:
-    """Few-shot view: keep ``shots`` normal training images (a stable choice by file-name
-    hash, the same in adapt and train) and every test row. ``None``/0 = all."""
+    """Few-shot view: keep ``shots`` normal training images (the adapt step's sampler, so
+    adapt and train see the same shots) and every test row. ``None``/0 = all."""
     if not shots:
         return manifest
-    from .data.layouts import hash_fraction
+    from .adapt.shots import sample_shots
 
-    normal = [e for e in manifest.entries if e.split == "train" and e.label == 0]
-    if shots > len(normal):
-        raise UserError(f"shots={shots} but the dataset has only {len(normal)} normal training images")
-    keep = {e.path for e in sorted(normal, key=lambda e: (hash_fraction(e.path, seed), e.path))[:shots]}
-    rows = [e for e in manifest.entries if e.split != "train" or e.path in keep]
-    return manifest.subset(rows)
+    keep = {e.path for e in sample_shots(manifest, shots, seed).entries}
+    return manifest.subset(e for e in manifest.entries if e.split != "train" or e.path in keep)
 
 
 def _read_json(path: Path) -> Optional[dict]:

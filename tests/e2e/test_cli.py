@@ -50,3 +50,15 @@ def test_user_errors_exit_2_with_one_line(tiny_mvtec, tmp_path, args, message):
     assert "Traceback" not in r.stderr
     assert message in r.stderr
     assert r.stderr.strip().startswith("error:")
+
+
+def test_few_shot_training_cli(tiny_tile, tmp_path):
+    out = tmp_path / "fs"
+    r = run("train", tiny_tile, "--out", out, "--shots", "4", "--image-size", "64", "--iterations", "2",
+            "--batch-size", "4", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert meta["train_config"]["augment"] is True  # on by default with --shots
+    assert meta["training"]["n_train_images"] + meta["training"]["n_calibration_images"] == 4
+    r = run("train", tiny_tile, "--out", out, "--shots", "999", "--no-progress")
+    assert r.returncode == 2 and "only 12 normal training images" in r.stderr
