@@ -14,6 +14,12 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+def check_device(v: str) -> str:
+    if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -56,12 +62,7 @@ class TrainConfig(_Strict):
     # Few-shot ReContrast: light geometric/photometric augmentation of the shots.
     augment: bool = False
 
-    @field_validator("device")
-    @classmethod
-    def _device_ok(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
-        return v
+    _device_ok = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
 
 
 class InferenceConfig(_Strict):
@@ -165,12 +166,7 @@ class AdaptConfig(_Strict):
     knn_k: int = Field(2, ge=1)
     coft: CoftConfig = Field(default_factory=CoftConfig)
 
-    @field_validator("device")
-    @classmethod
-    def _device_ok(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
-        return v
+    _device_ok = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
 
     @field_validator("crop_scale")
     @classmethod
