@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import config_with_overrides, console, emit_json, read_validated_dataset, summary_table, user_errors
+from .cli_common import config_with_overrides, console, emit_json, summary_table, validate_with_warnings, user_errors
 from .errors import UserError
 
 METHODS = ("msc", "coft")
@@ -58,9 +58,10 @@ def adapt_command(
         from .adapt import META_FILE, run_adapt, sample_shots
         from .data.layouts import read_dataset
 
+        manifest = read_dataset(dataset, layout=layout)
         if cfg.shots is not None:  # fail fast, before validating every file: k too large
-            sample_shots(read_dataset(dataset, layout=layout), cfg.shots, cfg.shots_seed)
-        manifest = read_validated_dataset(dataset, layout, progress)
+            sample_shots(manifest, cfg.shots, cfg.shots_seed)
+        validate_with_warnings(manifest, progress)
         path = run_adapt(manifest, cfg, out, progress=progress)
         meta = json.loads(path.with_name(META_FILE).read_text())
         summary = {

@@ -70,9 +70,14 @@ def config_with_overrides(model, config_path, section: str, overrides: dict):
 def read_validated_dataset(dataset, layout: str = "auto", progress: bool = True, **layout_options):
     """Read a dataset and validate every file before any work; warnings go to the console."""
     from .data.layouts import read_dataset
+
+    return validate_with_warnings(read_dataset(dataset, layout=layout, **layout_options), progress)
+
+
+def validate_with_warnings(manifest, progress: bool = True):
+    """Validate every file of ``manifest`` (raises naming the file); print the warnings."""
     from .data.validate import validate_manifest
 
-    manifest = read_dataset(dataset, layout=layout, **layout_options)
     report = validate_manifest(manifest, progress=progress)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
