@@ -53,10 +53,12 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64, help="MSC batch")
-    ap.add_argument("--msc-epochs", type=int, default=10)
-    ap.add_argument("--msc-lr", type=float, default=1e-2)
+    ap.add_argument("--msc-epochs", type=int, default=12)
+    ap.add_argument("--msc-lr", type=float, default=3e-3)
     ap.add_argument("--msc-momentum", type=float, default=0.0)
-    ap.add_argument("--msc-angular", type=float, default=1.0, help="angular center term weight")
+    ap.add_argument("--msc-angular", type=float, default=32.0, help="angular center term weight (reference code: 1)")
+    ap.add_argument("--msc-crop-min", type=float, default=0.6, help="MSC views: RandomResizedCrop lower scale (paper: 0.2)")
+    ap.add_argument("--msc-hflip", action="store_true", help="MSC views with horizontal flips (paper: on)")
     ap.add_argument("--freeze-levels", type=int, default=2)
     ap.add_argument("--shots", default="2,4,8,16")
     ap.add_argument("--seeds", default="0,1,2")
@@ -84,7 +86,8 @@ def main() -> None:
     path_index = {e.path: i for i, e in enumerate(train_rows.entries)}
     base = AdaptConfig(image_size=args.image_size, freeze_levels=args.freeze_levels, device=str(device))
     msc_cfg = base.model_copy(update={"epochs": args.msc_epochs, "batch_size": args.batch_size, "lr": args.msc_lr,
-                                      "momentum": args.msc_momentum, "angular_weight": args.msc_angular})
+                                      "momentum": args.msc_momentum, "angular_weight": args.msc_angular,
+                                      "crop_scale": (args.msc_crop_min, 1.0), "hflip": args.msc_hflip})
     coft_cfg = base.model_copy(update={
         "method": "coft", "epochs": args.coft_epochs, "batch_size": args.coft_batch_size,
         "coft": base.coft.model_copy(update={"lr": args.coft_lr, "fit_views": args.fit_views}),

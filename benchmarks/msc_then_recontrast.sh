@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # (c) ReContrast from ImageNet vs (d) MSC-adapted encoder -> ReContrast, same CPU-sized settings.
 # Usage: bash benchmarks/msc_then_recontrast.sh [DATA] [OUT]
-# The MSC encoder comes from: recontrast adapt DATA --method msc --image-size 64 --epochs 10 \
-#   --lr 0.01 --config <adapt section with freeze_levels 2, angular_weight 1> --out OUT/msc
+# The MSC encoder comes from: recontrast adapt DATA --method msc --image-size 64 --epochs 12 \
+#   --lr 3e-3 --angular-weight 32 --crop-min 0.6 --no-hflip --out OUT/msc
 # (benchmarks/adapt_magnetic_tile.py --save-msc OUT/msc writes the same file).
 set -euo pipefail
 DATA=${1:-../shared/data/magnetic-tile-dev}

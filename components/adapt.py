@@ -19,15 +19,19 @@ def adapt_op(
     feature_location: str,
     seed: int,
     device: str,
+    extra_settings: dict,
     pipeline_run_id: str,
     kfp_run_id: str,
     tracking_uri: str,
     experiment: str,
     encoder: Output[Artifact],
 ):
-    """Writes encoder.safetensors + encoder.json into ``encoder``. shots=0: all images."""
+    """Writes encoder.safetensors + encoder.json into ``encoder``. shots=0: all images.
+    ``extra_settings["adapt"]``: the other AdaptConfig settings (lr, angular_weight, views,
+    coft.*, its own seed; dotted keys allowed); without a seed there, the training seed."""
     from recontrast_core import steps
 
+    settings = {"seed": seed, **(extra_settings.get("adapt") or {})}
     path = steps.adapt(
         dataset.path,
         encoder.path,
@@ -39,11 +43,11 @@ def adapt_op(
         backbone=backbone,
         backbone_weights=backbone_weights,
         feature_location=feature_location,
-        seed=seed,
         device=device,
         pipeline_run_id=pipeline_run_id or kfp_run_id,
         tracking_uri=tracking_uri or None,
         experiment=experiment,
         progress=False,
+        **settings,
     )
     encoder.metadata.update({"method": method, "backbone": backbone, "file": path.name})

@@ -17,6 +17,7 @@ def register_op(
     primary_metric: str,
     margin: float,
     floors: dict,
+    extra_settings: dict,
     device: str,
     pipeline_run_id: str,
     kfp_run_id: str,
@@ -26,7 +27,8 @@ def register_op(
     "RegisterOutputs",
     [("promoted", bool), ("version", str), ("decision", str), ("champion", str), ("result", str)],
 ):
-    """The promotion decision as outputs; ``result`` is the full decision JSON."""
+    """The promotion decision as outputs; ``result`` is the full decision JSON.
+    ``extra_settings["registry"]``: the other promotion settings (secondary metrics)."""
     import json
     from collections import namedtuple
     from pathlib import Path
@@ -39,7 +41,8 @@ def register_op(
         model_name=model_name,
         pipeline_run_id=pipeline_run_id or kfp_run_id,
         manifest_path=dataset.path,
-        policy={"primary_metric": primary_metric, "margin": margin, "floors": floors},
+        policy={"primary_metric": primary_metric, "margin": margin, "floors": floors,
+                **(extra_settings.get("registry") or {})},
         tracking_uri=tracking_uri or None,
         experiment=experiment,
         device=device,

@@ -160,11 +160,12 @@ def training_pipeline(
     settings = dict(shots=shots, iterations=iterations, batch_size=batch_size,
                     encoder_bn=encoder_bn, extra_settings=extra_settings, **backbone_kw)
     registry = dict(model_name=model_name, primary_metric=primary_metric, margin=margin,
-                    floors=floors)
+                    floors=floors, extra_settings=extra_settings)
 
     with dsl.If(adapt_method != "none", name="adapt-encoder"):
         adapt = adapt_op(dataset=dataset, method=adapt_method, shots=shots, epochs=adapt_epochs,
-                         batch_size=adapt_batch_size, **backbone_kw, **tracking)
+                         batch_size=adapt_batch_size, extra_settings=extra_settings, **backbone_kw,
+                         **tracking)
         _cluster_env(_gpu(adapt.set_display_name("adapt"), cpu="8", memory="32Gi"))
         adapt.set_caching_options(True)
         adapted = _train_evaluate_register(dataset, tracking, settings, registry,
@@ -186,10 +187,15 @@ GOLDEN_PATH = Path(__file__).resolve().parent / "compiled" / "training_pipeline.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# TrainConfig fields that have their own pipeline parameter; the others travel in
-# ``extra_settings`` when they differ from the defaults.
-_COVERED_TRAIN = {"backbone.name", "backbone.weights", "backbone.feature_location", "image_size",
-                  "iterations", "batch_size", "encoder_bn", "seed", "device"}
+# Fields that have their own pipeline parameter (or, for adapt, follow train's); the
+# others travel in ``extra_settings`` when they differ from the defaults.
+_COVERED = {
+    "train": {"backbone.name", "backbone.weights", "backbone.feature_location", "image_size",
+              "iterations", "batch_size", "encoder_bn", "seed", "device"},
+    "adapt": {"method", "shots", "epochs", "batch_size", "image_size", "device", "backbone.name",
+              "backbone.weights", "backbone.feature_location", "backbone.out_indices"},
+    "registry": {"model_name", "primary_metric", "margin", "floors"},
+}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -204,14 +210,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def extra_settings_of(cfg: PipelineConfig) -> dict:
-    """``{"train": {dotted: value}, "inference": {...}, "calibration": {...}}`` with the
-    settings that differ from the defaults and have no pipeline parameter of their own."""
+    """``{"train": {dotted: value}, "inference": ..., "calibration": ..., "adapt": ...,
+    "registry": ...}`` with the settings that differ from the defaults and have no pipeline
+    parameter of their own. The adapt seed always travels (it is not the training seed)."""
     out = {}
-    for section in ("train", "inference", "calibration"):
+    for section in ("train", "inference", "calibration", "adapt", "registry"):
         now = _flat(getattr(cfg, section).model_dump(mode="json"))
         default = _flat(getattr(_D, section).model_dump(mode="json"))
-        diff = {k: v for k, v in now.items() if v != default.get(k)
-                and not (section == "train" and k in _COVERED_TRAIN)}
+        covered = _COVERED.get(section, set())
+        diff = {k: v for k, v in now.items() if v != default.get(k) and k not in covered}
+        if section == "adapt" and cfg.adapt_method != "none":
+            diff["seed"] = cfg.adapt.seed
+            if cfg.train.backbone.out_indices != _D.train.backbone.out_indices:  # adapt uses train's encoder
+                diff["backbone.out_indices"] = list(cfg.train.backbone.out_indices)
         if diff:
             out[section] = diff
     return out

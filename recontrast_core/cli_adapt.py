@@ -37,6 +37,9 @@ def adapt_command(
     batch_size: Optional[int] = typer.Option(None, help="Batch size (MSC: images, two views each; COFT: normal views + anomalies)"),
     image_size: Optional[int] = typer.Option(None, help="Square input size; use the size you train ReContrast at"),
     lr: Optional[float] = typer.Option(None, help="MSC learning rate (paper: 1e-5); COFT's is coft.lr in --config"),
+    angular_weight: Optional[float] = typer.Option(None, help="MSC angular center term weight (0 = off; see docs/adaptation.md)"),
+    crop_min: Optional[float] = typer.Option(None, help="Views: RandomResizedCrop lower scale (paper 0.2; 0.6 keeps small parts)"),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Views: horizontal flips (off where orientation matters)"),
     backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (offline default), wide_resnet50_2, resnet18, or any timm name"),
     weights: Optional[str] = typer.Option(None, help="'imagenet' or a local/s3:// state_dict to start from"),
     feature_location: Optional[str] = typer.Option(None, help="auto | bottleneck | expansion (must match training)"),
@@ -53,6 +56,8 @@ def adapt_command(
         cfg = build_adapt_config(config, {
             "method": method, "shots": shots, "epochs": epochs, "batch_size": batch_size,
             "image_size": image_size, "lr": lr, "device": device, "seed": seed,
+            "angular_weight": angular_weight, "hflip": hflip,
+            "crop_scale": None if crop_min is None else (crop_min, 1.0),
             "backbone": {"name": backbone, "weights": weights, "feature_location": feature_location},
         })
         from .adapt import META_FILE, run_adapt, sample_shots

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +84,11 @@ class MSCResult:
 
 
 def train_msc(embedder: Embedder, images_uint8: torch.Tensor, cfg: AdaptConfig, *, progress: bool = True,
-              generator: Optional[torch.Generator] = None) -> MSCResult:
-    """Fine-tune ``embedder.encoder`` in place on normal images ``uint8 [N,3,S,S]``."""
+              generator: Optional[torch.Generator] = None,
+              on_epoch_end: Optional[Callable[[int, float], None]] = None) -> MSCResult:
+    """Fine-tune ``embedder.encoder`` in place on normal images ``uint8 [N,3,S,S]``.
+
+    ``on_epoch_end(epoch, mean_loss)`` is called after every epoch (e.g. to evaluate)."""
     n = images_uint8.shape[0]
     if n < 2:
         raise ValueError("MSC needs at least 2 normal images")
@@ -118,6 +121,9 @@ def train_msc(embedder: Embedder, images_uint8: torch.Tensor, cfg: AdaptConfig, 
                 total, count = total + value * idx.numel(), count + idx.numel()
                 bar.advance(1, info=f"epoch {epoch + 1} loss {value:.4f}")
             history.append({"epoch": epoch + 1, "loss": total / max(count, 1)})
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, history[-1]["loss"])
+                encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(True)
     return MSCResult(center=center.cpu(), history=history)

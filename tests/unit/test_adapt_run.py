@@ -70,6 +70,17 @@ def test_training_keeps_batchnorm_and_frozen_stages(encoder_factory, method: str
     assert all(p.requires_grad for p in enc.parameters()), "requires_grad is restored"
 
 
+def test_msc_reports_every_epoch_in_order(encoder_factory) -> None:
+    emb = Embedder(encoder_factory(), device=torch.device("cpu"))
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    cfg = AdaptConfig(image_size=32, epochs=3, batch_size=3, lr=0.01, angular_weight=4.0, crop_scale=(0.6, 1.0),
+                      hflip=False)
+    seen = []
+    result = train_msc(emb, images, cfg, progress=False, on_epoch_end=lambda e, loss: seen.append((e, loss)))
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert [loss for _, loss in seen] == [h["loss"] for h in result.history]
+
+
 def test_run_adapt_writes_a_loadable_encoder(tiny_mvtec: Path, tmp_path: Path) -> None:
     manifest = read_dataset(tiny_mvtec)
     cfg = AdaptConfig(backbone=NO_WEIGHTS, image_size=32, epochs=1, batch_size=4, device="cpu", lr=0.01)
@@ -110,6 +121,17 @@ def test_cli_rejects_unknown_method_and_too_many_shots(tiny_mvtec: Path, tmp_pat
     assert res.exit_code == 2
     assert "shots=7" in res.output and "only 6 normal training images" in res.output
     assert not (tmp_path / ENCODER_FILE).exists()
+
+
+def test_cli_view_and_angular_flags_reach_the_config(tmp_path: Path) -> None:
+    from recontrast_core.cli_adapt import build_adapt_config
+    from recontrast_core.errors import UserError
+
+    cfg = build_adapt_config(None, {"angular_weight": 16.0, "hflip": False, "crop_scale": (0.6, 1.0)})
+    assert (cfg.angular_weight, cfg.hflip, cfg.crop_scale) == (16.0, False, (0.6, 1.0))
+    assert build_adapt_config(None, {"hflip": None, "crop_scale": None}).hflip is True  # unset flags keep defaults
+    with pytest.raises(UserError, match="crop_scale"):
+        build_adapt_config(None, {"crop_scale": (1.5, 1.0)})
 
 
 def test_cli_adapts_and_prints_json(tiny_mvtec: Path, tmp_path: Path) -> None:

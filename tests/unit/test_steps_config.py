@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from recontrast_core import steps
-from recontrast_core.config import AdaptConfig, PipelineConfig, TrainConfig
+from recontrast_core.config import AdaptConfig, PipelineConfig, RegistryConfig, TrainConfig
 from recontrast_core.data.manifest import Manifest, ManifestEntry
 from recontrast_core.errors import UserError
 
@@ -103,6 +103,33 @@ def test_pipeline_parameters_default_to_pipeline_config() -> None:
     assert set(args) == set(inputs)
     for name, spec in inputs.items():
         assert spec.default == args[name], name
+
+
+def test_adapt_and_registry_settings_travel_in_extra_settings() -> None:
+    """Every adapt / registry setting without its own pipeline parameter reaches the steps,
+    as steps.adapt / steps.register overrides (what the components pass on)."""
+    from pipelines.training_pipeline import extra_settings_of
+
+    assert "adapt" not in extra_settings_of(PipelineConfig())  # no adaptation, nothing to carry
+    cfg = PipelineConfig.model_validate({
+        "adapt_method": "msc",
+        "adapt": {"lr": 0.003, "angular_weight": 32, "crop_scale": [0.6, 1.0], "hflip": False, "seed": 4,
+                  "epochs": 3, "coft": {"lr": 0.1}},
+        "registry": {"secondary_metrics": ["pixel_auroc"], "secondary_tolerance": 0.02, "margin": 0.01},
+        "train": {"seed": 9},
+    })
+    extra = extra_settings_of(cfg)
+    assert extra["adapt"] == {"lr": 0.003, "angular_weight": 32.0, "crop_scale": [0.6, 1.0], "hflip": False,
+                              "seed": 4, "coft.lr": 0.1}  # epochs has its own parameter
+    assert extra["registry"] == {"secondary_metrics": ["pixel_auroc"], "secondary_tolerance": 0.02}
+    settings = {"seed": 9, **extra["adapt"]}  # as components/adapt.py: the training seed unless given
+    adapt_cfg = steps.build_config(AdaptConfig, None, method="msc", epochs=3, **settings)
+    assert (adapt_cfg.lr, adapt_cfg.angular_weight, adapt_cfg.crop_scale, adapt_cfg.hflip) == (0.003, 32.0, (0.6, 1.0), False)
+    assert adapt_cfg.seed == 4 and adapt_cfg.coft.lr == 0.1  # the adapt seed, not the training seed
+    assert adapt_cfg == steps.adapt_config_for(cfg)  # KFP and DVC adapt with the same settings
+    policy = steps.build_config(RegistryConfig, {"primary_metric": "image_auroc", "margin": 0.01,
+                                                 "floors": {"image_auroc": 0.7}, **extra["registry"]})
+    assert policy == cfg.registry
 
 
 def test_params_yaml_is_a_valid_pipeline_config() -> None:
