@@ -218,7 +218,8 @@ def extra_settings_of(cfg: PipelineConfig) -> dict:
         now = _flat(getattr(cfg, section).model_dump(mode="json"))
         default = _flat(getattr(_D, section).model_dump(mode="json"))
         covered = _COVERED.get(section, set())
-        diff = {k: v for k, v in now.items() if v != default.get(k) and k not in covered}
+        diff = {k: v for k, v in now.items() if v != default.get(k)
+                and not any(k == c or k.startswith(c + ".") for c in covered)}  # floors.* too
         if section == "adapt" and cfg.adapt_method != "none":
             diff["seed"] = cfg.adapt.seed
             if cfg.train.backbone.out_indices != _D.train.backbone.out_indices:  # adapt uses train's encoder

@@ -115,7 +115,8 @@ def test_adapt_and_registry_settings_travel_in_extra_settings() -> None:
         "adapt_method": "msc",
         "adapt": {"lr": 0.003, "angular_weight": 32, "crop_scale": [0.6, 1.0], "hflip": False, "seed": 4,
                   "epochs": 3, "coft": {"lr": 0.1}},
-        "registry": {"secondary_metrics": ["pixel_auroc"], "secondary_tolerance": 0.02, "margin": 0.01},
+        "registry": {"secondary_metrics": ["pixel_auroc"], "secondary_tolerance": 0.02, "margin": 0.01,
+                     "floors": {"image_auroc": 0.0, "pixel_auroc": 0.5}},  # floors has its own parameter
         "train": {"seed": 9},
     })
     extra = extra_settings_of(cfg)
@@ -128,7 +129,8 @@ def test_adapt_and_registry_settings_travel_in_extra_settings() -> None:
     assert adapt_cfg.seed == 4 and adapt_cfg.coft.lr == 0.1  # the adapt seed, not the training seed
     assert adapt_cfg == steps.adapt_config_for(cfg)  # KFP and DVC adapt with the same settings
     policy = steps.build_config(RegistryConfig, {"primary_metric": "image_auroc", "margin": 0.01,
-                                                 "floors": {"image_auroc": 0.7}, **extra["registry"]})
+                                                 "floors": {"image_auroc": 0.0, "pixel_auroc": 0.5},
+                                                 **extra["registry"]})
     assert policy == cfg.registry
 
 
