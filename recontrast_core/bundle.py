@@ -28,9 +28,9 @@ from . import __version__
 from .calibration import Calibration, decide, normalise
 from .config import BackboneConfig, InferenceConfig, TrainConfig
 from .errors import UserError
-from .data.cache import IMAGENET_MEAN, IMAGENET_STD, batch_slices
+from .data.cache import batch_slices
 from .inference import normalize_images, predict_batch
-from .models.backbones import create_encoder
+from .models.backbones import InputStats, create_encoder
 from .models.recontrast import ReContrast, build_recontrast
 from .runtime import amp_dtype_for, atomic_write, resolve_device
 
@@ -45,7 +45,7 @@ def build_model(cfg: TrainConfig, weights: Optional[str] = None) -> ReContrast:
     encoder = create_encoder(backbone)
     frozen = create_encoder(backbone.model_copy(update={"weights": "none"}))
     frozen.load_state_dict(encoder.state_dict())
-    return build_recontrast(encoder, frozen, cfg.decoder_blocks, cfg.bottleneck_blocks, cfg.encoder_bn)
+    return build_recontrast(encoder, frozen, cfg.decoder_blocks, cfg.bottleneck_blocks, cfg.encoder_bn, cfg.decoder_init)
 
 
 def save_bundle(
@@ -78,8 +78,8 @@ def save_bundle(
             "image_size": cfg.image_size,
             "resize": "square, PIL bilinear with antialias",
             "color": "RGB (grayscale replicated, alpha dropped, 16-bit scaled >> 8)",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(model.encoder.stats.mean),
+            "std": list(model.encoder.stats.std),
         },
         "calibration": calibration.to_dict(),
         "channels": list(model.encoder.channels),
@@ -128,7 +128,7 @@ class Detector:
         maps, scores = [], []
         amp = amp_dtype_for(self.device, self.config.amp)
         for chunk in batch_slices(images.shape[0], batch_size or self.inference.batch_size):
-            x = normalize_images(images[chunk], self.device, self.config.channels_last)
+            x = normalize_images(images[chunk], self.device, self.config.channels_last, self.model.encoder.stats)
             m, s = predict_batch(self.model, x, self.inference, amp)
             maps.append(m.float().cpu())
             scores.append(s.float().cpu())
@@ -181,6 +181,15 @@ def to_model_input(image: Union[str, Path, np.ndarray], size: int) -> np.ndarray
     return np.ascontiguousarray(resize_image(rgb, size).transpose(2, 0, 1))
 
 
+def set_input_stats(model: ReContrast, meta: dict) -> None:
+    """Use the statistics the bundle was trained with (bundles written before statistics
+    were a backbone setting recorded ImageNet's here, and were trained with them)."""
+    pre = meta.get("preprocessing") or {}
+    if "mean" in pre and "std" in pre:
+        stats = InputStats(tuple(pre["mean"]), tuple(pre["std"]))
+        model.encoder.stats = model.frozen.stats = stats
+
+
 def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detector:
     from safetensors.torch import load_file
 
@@ -190,6 +199,7 @@ def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detecto
     model = build_model(cfg, weights="none")
     state = load_file(str(bundle_dir / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
+    set_input_stats(model, meta)
     dev = resolve_device(device)
     model.to(dev).eval()
     if cfg.channels_last:

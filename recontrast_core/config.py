@@ -33,6 +33,10 @@ class BackboneConfig(_Strict):
     # ("expansion") for EfficientNets, stage outputs for ResNets. See ARCHITECTURE.md.
     feature_location: Literal["auto", "bottleneck", "expansion", ""] = "auto"
     out_indices: tuple[int, int, int] = (1, 2, 3)
+    # Input statistics: "auto" = the weights' own (mean = std = 0.5, i.e. inputs in [-1, 1],
+    # for the TF-converted EfficientNet-Lites; ImageNet mean/std for ResNets); "imagenet" or
+    # "unit" force one. Stored in the bundle; older bundles keep the statistics they recorded.
+    input_stats: Literal["auto", "imagenet", "unit"] = "auto"
 
 
 class TrainConfig(_Strict):
@@ -52,6 +56,9 @@ class TrainConfig(_Strict):
     encoder_bn: Literal["train", "eval"] = "train"
     decoder_blocks: tuple[int, int, int] = (3, 4, 6)  # blocks per decoder stage, deep to shallow
     bottleneck_blocks: int = 3
+    # Initialisation of bottleneck, decoder and heads: "kaiming" = the official code's
+    # Kaiming-normal fan-out; "pytorch" = PyTorch's layer defaults (earlier releases).
+    decoder_init: Literal["kaiming", "pytorch"] = "kaiming"
     seed: int = 111
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU

@@ -17,9 +17,10 @@ from .data.cache import normalize
 
 
 
-def normalize_images(images_uint8: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B,3,H,W] (any device) -> ImageNet-normalised float32 on ``device``."""
-    x = normalize(images_uint8, device)
+def normalize_images(images_uint8: torch.Tensor, device, channels_last: bool = False, stats=None) -> torch.Tensor:
+    """uint8 [B,3,H,W] (any device) -> float32 on ``device``, normalised with ``stats``
+    (an ``InputStats``: the encoder's ``stats``; ImageNet's when None)."""
+    x = normalize(images_uint8, device) if stats is None else normalize(images_uint8, device, mean=stats.mean, std=stats.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

@@ -172,7 +172,7 @@ def train_model(
     with track_steps("train", cfg.iterations, enabled=progress, completed=start) as bar:
         for it in range(start, cfg.iterations):
             idx = _to_device(batch_indices(it, images.shape[0], cfg.batch_size, cfg.seed), device)
-            x = _prepare(images[idx], cfg, device, it)
+            x = _prepare(images[idx], cfg, device, it, model.encoder.stats)
             alpha = alpha_at(it, cfg.iterations, cfg.alpha_start, cfg.alpha_end, cfg.alpha_warmup_fraction)
             losses.append(trainer.step(x, alpha))
             done = it + 1
@@ -214,10 +214,10 @@ def train_model(
     )
 
 
-def _prepare(batch_uint8: torch.Tensor, cfg: TrainConfig, device, iteration: int) -> torch.Tensor:
+def _prepare(batch_uint8: torch.Tensor, cfg: TrainConfig, device, iteration: int, stats) -> torch.Tensor:
     from .inference import normalize_images
 
-    x = normalize_images(batch_uint8, device)
+    x = normalize_images(batch_uint8, device, stats=stats)
     if cfg.augment:
         x = augment_batch(x, iteration, cfg.seed)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x

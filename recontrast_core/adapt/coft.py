@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..config import AdaptConfig
 from ..progress import track_steps
-from .embed import Embedder, standardize, to_unit, trainable_parameters
+from .embed import Embedder, to_unit, trainable_parameters
 from .synth import synthesize_batch
 from .views import MocoViews
 
@@ -102,7 +102,7 @@ def train_coft(embedder: Embedder, shots_uint8: torch.Tensor, cfg: AdaptConfig, 
                 idx_a = torch.randint(0, k, (ba,), generator=gen)
                 x_n = views(shots01[idx_n])
                 x_a = synthesize_batch(views(shots01[idx_a]), gen, c.synth)
-                z = embedder.pooled(standardize(torch.cat([x_n, x_a])))
+                z = embedder.pooled(embedder.standardize(torch.cat([x_n, x_a])))
                 loss, parts = coft_loss(z[:bn], z[bn:], c.temperature, c.lambda_pp, c.lambda_np, c.np_margin)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -5,7 +5,8 @@
   centers and scoring) on ``uint8 [N,3,S,S]`` images.
 * :func:`trainable_parameters` freezes the parameters up to and including the stage that
   holds a given feature tap (MSC's reference code freezes ResNet's conv1..layer2).
-* :func:`standardize` ImageNet-normalises float images in [0, 1] (augmented views).
+* :func:`standardize` normalises float images in [0, 1] (augmented views) with the
+  encoder's input statistics.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.cache import IMAGENET_MEAN, IMAGENET_STD, batch_slices
-from ..models.backbones import Encoder
+from ..data.cache import batch_slices
+from ..models.backbones import IMAGENET_STATS, Encoder, InputStats
 
 Pool = Literal["avg", "max"]
 
 
-def standardize(x01: torch.Tensor) -> torch.Tensor:
-    """``float [B,3,H,W]`` in [0, 1] -> ImageNet-normalised (a new tensor)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
+def standardize(x01: torch.Tensor, stats: InputStats = IMAGENET_STATS) -> torch.Tensor:
+    """``float [B,3,H,W]`` in [0, 1] -> normalised with ``stats`` (a new tensor)."""
+    mean = torch.tensor(stats.mean, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
     return (x01 - mean) / std
 
 
@@ -67,12 +68,16 @@ class Embedder:
         self.pool = pool
         self.batch_size = int(batch_size)
 
+    def standardize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Views in [0, 1] -> the encoder's input statistics."""
+        return standardize(x01, self.encoder.stats)
+
     @property
     def dim(self) -> int:
         return self.encoder.channels[self.level]
 
     def pooled(self, x_std: torch.Tensor) -> torch.Tensor:
-        """Raw pooled features of ImageNet-normalised images (keeps gradients)."""
+        """Raw pooled features of normalised images (keeps gradients)."""
         amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             feats = self.encoder(x_std)
@@ -88,7 +93,7 @@ class Embedder:
         out = []
         try:
             for sl in batch_slices(images_uint8.shape[0], self.batch_size):
-                x = standardize(to_unit(images_uint8[sl], self.device))
+                x = self.standardize(to_unit(images_uint8[sl], self.device))
                 z = self.pooled(x)
                 out.append((F.normalize(z, dim=1) if normalize else z).cpu())
         finally:
@@ -101,7 +106,7 @@ class Embedder:
     def embed_views(self, views_01: torch.Tensor) -> torch.Tensor:
         """Normalised embeddings of float views in [0, 1] already on the device."""
         self.encoder.eval()
-        out = [F.normalize(self.pooled(standardize(views_01[sl])), dim=1).cpu()
+        out = [F.normalize(self.pooled(self.standardize(views_01[sl])), dim=1).cpu()
                for sl in batch_slices(views_01.shape[0], self.batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.dim)
 

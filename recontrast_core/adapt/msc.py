@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import AdaptConfig
 from ..progress import track_steps
-from .embed import Embedder, iter_batches, standardize, to_unit, trainable_parameters
+from .embed import Embedder, iter_batches, to_unit, trainable_parameters
 from .views import MocoViews
 
 
@@ -110,7 +110,7 @@ def train_msc(embedder: Embedder, images_uint8: torch.Tensor, cfg: AdaptConfig, 
             total, count = 0.0, 0
             for idx in iter_batches(n, batch, gen):
                 x = to_unit(images_uint8[idx], device)
-                both = standardize(torch.cat([views(x), views(x)]))
+                both = embedder.standardize(torch.cat([views(x), views(x)]))
                 z = F.normalize(embedder.pooled(both), dim=1)
                 z1, z2 = z.chunk(2)
                 loss = msc_loss(z1, z2, center, cfg.temperature, cfg.angular_weight)

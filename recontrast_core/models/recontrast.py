@@ -23,6 +23,19 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Seque
     )
 
 
+def kaiming_fan_out_init(*modules: nn.Module) -> None:
+    """The official code's initialisation (RD4AD/ReContrast ``de_resnet``/``BN_layer``):
+    Kaiming-normal fan-out weights for every ``Conv2d`` (transposed convs keep PyTorch's
+    default, as there), BatchNorm weight 1 and bias 0."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
 class Bottleneck(nn.Module):
     """ResNet bottleneck block; ``upsample=True`` swaps the strided 3x3 for a 2x2 transposed conv."""
 
@@ -101,7 +114,8 @@ class ReContrast(nn.Module):
     trainable encoder's features (the "contrastive reconstruction" pairing).
     """
 
-    def __init__(self, encoder: Encoder, frozen: Encoder, decoder_blocks=(3, 4, 6), bottleneck_blocks: int = 3):
+    def __init__(self, encoder: Encoder, frozen: Encoder, decoder_blocks=(3, 4, 6), bottleneck_blocks: int = 3,
+                 init: str = "kaiming"):
         super().__init__()
         self.encoder = encoder
         self.frozen = frozen
@@ -112,6 +126,8 @@ class ReContrast(nn.Module):
         self.decoder = Decoder(self.bottleneck.out_channels, channels, decoder_blocks)
         self.head1 = nn.ModuleList(nn.Conv2d(c, c, 1) for c in channels)
         self.head2 = nn.ModuleList(nn.Conv2d(c, c, 1) for c in channels)
+        if init == "kaiming":
+            kaiming_fan_out_init(self.bottleneck, self.decoder, self.head1, self.head2)
         self.encoder_bn_train = True
 
     def train(self, mode: bool = True):
@@ -139,7 +155,8 @@ class ReContrast(nn.Module):
         return frozen, feats, head1, head2
 
 
-def build_recontrast(encoder: Encoder, frozen: Encoder, decoder_blocks=(3, 4, 6), bottleneck_blocks=3, encoder_bn="train") -> ReContrast:
-    model = ReContrast(encoder, frozen, tuple(decoder_blocks), bottleneck_blocks)
+def build_recontrast(encoder: Encoder, frozen: Encoder, decoder_blocks=(3, 4, 6), bottleneck_blocks=3, encoder_bn="train",
+                     init: str = "kaiming") -> ReContrast:
+    model = ReContrast(encoder, frozen, tuple(decoder_blocks), bottleneck_blocks, init)
     model.encoder_bn_train = encoder_bn == "train"
     return model

@@ -80,6 +80,18 @@ def test_bundle_round_trip_scores_and_threshold(tiny_tile, tmp_path):
     again = load_detector(result.bundle_dir).predict([path])
     assert again[0]["score"] == pytest.approx(by_path[0]["score"], rel=1e-6)
     assert (by_path[0]["normalized_score"] >= 0.5) == by_path[0]["decision"]
+    # the bundle records the weights' own input statistics (lite0: inputs scaled to [-1, 1])
+    assert meta["preprocessing"]["mean"] == [0.5] * 3 and meta["preprocessing"]["std"] == [0.5] * 3
+    assert det.model.encoder.stats.mean == (0.5, 0.5, 0.5)
+    # a bundle written before statistics were a setting recorded ImageNet's and loads with them
+    from recontrast_core.models.backbones import IMAGENET_STATS
+
+    meta["preprocessing"].update(mean=list(IMAGENET_STATS.mean), std=list(IMAGENET_STATS.std))
+    del meta["train_config"]["backbone"]["input_stats"]
+    (result.bundle_dir / "bundle.json").write_text(json.dumps(meta))
+    old = load_detector(result.bundle_dir)
+    assert old.model.encoder.stats == IMAGENET_STATS and old.model.frozen.stats == IMAGENET_STATS
+    assert old.predict([path])[0]["score"] != pytest.approx(by_path[0]["score"], rel=1e-3)
 
 
 def test_train_evaluate_predict_on_real_images(tiny_tile, tmp_path):

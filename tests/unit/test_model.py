@@ -28,14 +28,15 @@ def test_lite0_bottleneck_taps_are_block_outputs():
     assert enc.channels == [24, 40, 112]
 
 
-def test_lite0_imagenet_weights_load_strictly_and_reach_the_encoder():
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite_imagenet_weights_load_strictly_and_reach_the_encoder(name):
     import timm
 
-    from recontrast_core.models.backbones import _lite0_state_dict
+    from recontrast_core.models.backbones import REGISTRY
 
-    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    full.load_state_dict(_lite0_state_dict(), strict=True)
-    enc = create_encoder(BackboneConfig())  # imagenet default, offline
+    full = timm.create_model(name, pretrained=False)
+    full.load_state_dict(REGISTRY[name].imagenet_loader(), strict=True)  # the key map is complete
+    enc = create_encoder(BackboneConfig(name=name))  # imagenet default, offline
     # the encoder's stem must carry the packaged weights, not a random init
     assert torch.equal(enc.body.conv_stem.weight, full.conv_stem.weight)
 
@@ -98,3 +99,48 @@ def test_encoder_bn_eval_setting_keeps_running_stats():
     before = bn.running_mean.clone()
     model(torch.randn(2, 3, 64, 64))
     assert not bn.training and torch.equal(bn.running_mean, before)
+
+
+def test_kaiming_fan_out_initialisation_of_decoder_side():
+    """Bottleneck, decoder and heads start as in the official code: Conv2d weights with
+    std sqrt(2 / fan_out), BatchNorm 1/0; the encoders are untouched."""
+    import math
+
+    from torch import nn
+
+    from recontrast_core.config import BackboneConfig, TrainConfig
+    from recontrast_core.bundle import build_model
+
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(backbone=BackboneConfig(weights="none"), decoder_blocks=(1, 1, 1), bottleneck_blocks=1))
+    convs = [m for part in (model.bottleneck, model.decoder, model.head1, model.head2) for m in part.modules()
+             if isinstance(m, nn.Conv2d)]
+    assert len(convs) > 10
+    big = [c for c in convs if c.weight.numel() >= 20_000]
+    for c in big:
+        fan_out = c.out_channels * c.kernel_size[0] * c.kernel_size[1]
+        assert c.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.08)
+    bns = [m for part in (model.bottleneck, model.decoder) for m in part.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.all(b.weight == 1) and torch.all(b.bias == 0) for b in bns)
+    # a default-initialised Conv2d (kaiming uniform, a=sqrt(5)) has std 1/sqrt(3 fan_in): far from this
+    head = model.head1[2]
+    assert head.weight.std().item() == pytest.approx(math.sqrt(2.0 / head.out_channels), rel=0.08)
+
+
+def test_input_statistics_are_the_weights_own():
+    from recontrast_core.models.backbones import IMAGENET_STATS, UNIT_STATS, input_stats
+
+    assert input_stats(BackboneConfig()) == UNIT_STATS  # TF-converted lite0: inputs in [-1, 1]
+    assert input_stats(BackboneConfig(name="wide_resnet50_2")) == IMAGENET_STATS
+    assert input_stats(BackboneConfig(input_stats="imagenet")) == IMAGENET_STATS
+    assert input_stats(BackboneConfig(name="resnet18", input_stats="unit")) == UNIT_STATS
+    enc = create_encoder(BackboneConfig(weights="none"))
+    assert enc.stats == UNIT_STATS
+
+
+@pytest.mark.parametrize("variant, channels", [(1, [144, 240, 672]), (2, [144, 288, 720])])
+def test_lite1_lite2_taps_and_statistics(variant, channels):
+    from recontrast_core.models.backbones import UNIT_STATS
+
+    enc = create_encoder(BackboneConfig(name=f"tf_efficientnet_lite{variant}", weights="none"))
+    assert enc.channels == channels and enc.strides == [4, 8, 16] and enc.stats == UNIT_STATS
