@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from recontrast_core.bundle import build_model
+from recontrast_core.models import build_model
 from recontrast_core.config import BackboneConfig, InferenceConfig, TrainConfig
 from recontrast_core.inference import predict_batch
 from recontrast_core.runtime import amp_dtype_for

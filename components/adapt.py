@@ -9,45 +9,18 @@ from .image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def adapt_op(
     dataset: Input[Dataset],
-    method: str,
+    settings: dict,
+    adapt_method: str,
     shots: int,
-    epochs: int,
-    batch_size: int,
-    image_size: int,
-    backbone: str,
-    backbone_weights: str,
-    feature_location: str,
-    seed: int,
-    device: str,
-    extra_settings: dict,
     pipeline_run_id: str,
     kfp_run_id: str,
-    tracking_uri: str,
-    experiment: str,
     encoder: Output[Artifact],
 ):
-    """Writes encoder.safetensors + encoder.json into ``encoder``. shots=0: all images.
-    ``extra_settings["adapt"]``: the other AdaptConfig settings (lr, angular_weight, views,
-    coft.*, its own seed; dotted keys allowed); without a seed there, the training seed."""
-    from recontrast_core import steps
+    """Writes encoder.safetensors + encoder.json into ``encoder`` (settings.adapt.*; the
+    encoder follows settings.train.backbone). shots=0: all normal training images."""
+    from recontrast_core.steps import adapt
+    from recontrast_core.steps.settings import with_run_values
 
-    settings = {"seed": seed, **(extra_settings.get("adapt") or {})}
-    path = steps.adapt(
-        dataset.path,
-        encoder.path,
-        method=method,
-        shots=shots or None,
-        epochs=epochs,
-        batch_size=batch_size,
-        image_size=image_size,
-        backbone=backbone,
-        backbone_weights=backbone_weights,
-        feature_location=feature_location,
-        device=device,
-        pipeline_run_id=pipeline_run_id or kfp_run_id,
-        tracking_uri=tracking_uri or None,
-        experiment=experiment,
-        progress=False,
-        **settings,
-    )
-    encoder.metadata.update({"method": method, "backbone": backbone, "file": path.name})
+    cfg = with_run_values(settings, adapt_method=adapt_method, shots=shots)
+    path = adapt(dataset.path, encoder.path, cfg, pipeline_run_id=pipeline_run_id or kfp_run_id, progress=False)
+    encoder.metadata.update({"method": adapt_method, "backbone": cfg.train.backbone.name, "file": path.name})

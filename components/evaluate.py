@@ -1,4 +1,5 @@
-"""evaluate: the bundle on the test split -> metrics.json, scores.csv, plots."""
+"""evaluate: the bundle (and the training-free baseline) on the test split -> metrics.json,
+scores.csv, plots."""
 
 from typing import NamedTuple
 
@@ -12,40 +13,27 @@ from .image import IMAGE
 def evaluate_op(
     bundle: Input[Model],
     dataset: Input[Dataset],
-    device: str,
+    settings: dict,
     pipeline_run_id: str,
     kfp_run_id: str,
-    tracking_uri: str,
-    experiment: str,
     report: Output[Artifact],
     metrics: Output[Metrics],
 ) -> NamedTuple("EvaluateOutputs", [("image_auroc", float), ("pixel_auroc", float)]):
     """``report``: folder with metrics.json (+ scores.csv, plots/); ``metrics``: the scalars."""
-    import json
     import math
     from collections import namedtuple
 
-    from recontrast_core import steps
+    from recontrast_core.config import PipelineConfig
+    from recontrast_core.runtime import read_json
+    from recontrast_core.steps import evaluate
 
-    path = steps.evaluate(
-        bundle.path,
-        dataset.path,
-        report.path,
-        device=device,
-        pipeline_run_id=pipeline_run_id or kfp_run_id,
-        tracking_uri=tracking_uri or None,
-        experiment=experiment,
-        progress=False,
-    )
-    payload = json.loads(path.read_text())
-    for key, value in payload["metrics"].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            metrics.log_metric(key, float(value))
+    path = evaluate(bundle.path, dataset.path, report.path, PipelineConfig.model_validate(settings),
+                    pipeline_run_id=pipeline_run_id or kfp_run_id, progress=False)
+    payload = read_json(path)
+    scalars = {k: float(v) for k, v in payload["metrics"].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    for key, value in scalars.items():
+        metrics.log_metric(key, value)
     report.metadata["dataset_fingerprint"] = payload.get("dataset_fingerprint") or ""
-
-    def num(key):
-        value = payload["metrics"].get(key)
-        return float(value) if isinstance(value, (int, float)) else float("nan")
-
     out = namedtuple("EvaluateOutputs", ["image_auroc", "pixel_auroc"])
-    return out(num("image_auroc"), num("pixel_auroc"))
+    return out(scalars.get("image_auroc", float("nan")), scalars.get("pixel_auroc", float("nan")))

@@ -60,7 +60,9 @@ def ensure_experiment(client, name: str, namespace: Optional[str] = None, descri
     """The id of experiment ``name``, created when missing."""
     try:
         exp = client.get_experiment(experiment_name=name, namespace=namespace)
-    except Exception:  # kfp raises ValueError when no experiment has that name
+    except ValueError as exc:  # kfp: "No experiment is found with name ..."; anything else is real
+        if "No experiment is found" not in str(exc):
+            raise
         exp = client.create_experiment(name=name, description=description or None, namespace=namespace)
     return exp.experiment_id
 

@@ -20,30 +20,16 @@ both see the same pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import BaselineConfig
 from .data.cache import batch_slices
 from .inference import gaussian_blur, normalize_images
 from .models.backbones import Encoder
-
-Sampler = Literal["random", "coreset"]
-
-
-@dataclass(frozen=True)
-class BaselineSettings:
-    fraction: float = 0.1  # share of training patches kept in the memory bank
-    sampler: Sampler = "random"
-    seed: int = 0
-    gaussian_sigma: float = 4.0
-    batch_size: int = 32
-    levels: tuple[int, int] = (1, 2)  # encoder taps at strides 8 and 16
-    projection_dim: int = 128  # coreset only: random projection for the k-center distances
-
 
 def nearest_distances(bank: torch.Tensor, queries: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Euclidean distance of each query row to its nearest bank row: ``[Q]`` float32.
@@ -90,7 +76,7 @@ def greedy_coreset(features: torch.Tensor, fraction: float, seed: int = 0, proje
 class PatchBaseline:
     """Fit on normal ``uint8`` images, then score ``uint8`` images: maps and image scores."""
 
-    def __init__(self, encoder: Encoder, settings: BaselineSettings = BaselineSettings(), device: Optional[torch.device] = None):
+    def __init__(self, encoder: Encoder, settings: BaselineConfig = BaselineConfig(), device: Optional[torch.device] = None):
         if len(encoder.channels) < 3:
             raise ValueError("the baseline needs an encoder with three feature levels")
         self.encoder = encoder.eval()

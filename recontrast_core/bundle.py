@@ -30,22 +30,17 @@ from .config import BackboneConfig, InferenceConfig, TrainConfig
 from .errors import UserError
 from .data.cache import batch_slices
 from .inference import normalize_images, predict_batch
-from .models.backbones import InputStats, create_encoder
-from .models.recontrast import ReContrast, build_recontrast
+from .models import build_model
+from .models.backbones import InputStats
+from .models.recontrast import ReContrast
 from .runtime import amp_dtype_for, atomic_write, resolve_device
 
 BUNDLE_FORMAT = "recontrast-bundle/1"
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "bundle.json"
+# Settings older bundles recorded that no longer exist (they never changed the model).
+RETIRED_TRAIN_KEYS = ("num_workers",)
+from .filenames import BUNDLE_META_FILE as META_FILE  # noqa: E402
+from .filenames import BUNDLE_WEIGHTS_FILE as WEIGHTS_FILE  # noqa: E402
 
-
-def build_model(cfg: TrainConfig, weights: Optional[str] = None) -> ReContrast:
-    """Architecture from config. ``weights`` overrides the encoder weights source."""
-    backbone = cfg.backbone if weights is None else cfg.backbone.model_copy(update={"weights": weights})
-    encoder = create_encoder(backbone)
-    frozen = create_encoder(backbone.model_copy(update={"weights": "none"}))
-    frozen.load_state_dict(encoder.state_dict())
-    return build_recontrast(encoder, frozen, cfg.decoder_blocks, cfg.bottleneck_blocks, cfg.encoder_bn, cfg.decoder_init)
 
 
 def save_bundle(
@@ -120,13 +115,23 @@ class Detector:
         return self.config.image_size
 
     @property
+    def scoring_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype for scoring (None = fp32), from ``inference.precision``."""
+        p = self.inference.precision
+        if p == "fp32":
+            return None
+        if p == "bf16":
+            return torch.bfloat16
+        return amp_dtype_for(self.device, self.config.amp)
+
+    @property
     def fingerprint(self) -> Optional[str]:
         return self.meta.get("dataset_fingerprint")
 
     def score_uint8(self, images: torch.Tensor, batch_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N,3,S,S] -> (maps [N,S,S] float32, scores [N]) as numpy."""
         maps, scores = [], []
-        amp = amp_dtype_for(self.device, self.config.amp)
+        amp = self.scoring_dtype
         for chunk in batch_slices(images.shape[0], batch_size or self.inference.batch_size):
             x = normalize_images(images[chunk], self.device, self.config.channels_last, self.model.encoder.stats)
             m, s = predict_batch(self.model, x, self.inference, amp)
@@ -195,13 +200,16 @@ def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detecto
 
     bundle_dir = Path(bundle_dir)
     meta = read_bundle_meta(bundle_dir)
-    cfg = TrainConfig.model_validate(meta["train_config"])
+    train_config = {k: v for k, v in meta["train_config"].items() if k not in RETIRED_TRAIN_KEYS}
+    cfg = TrainConfig.model_validate(train_config)
     model = build_model(cfg, weights="none")
     state = load_file(str(bundle_dir / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     set_input_stats(model, meta)
     dev = resolve_device(device)
     model.to(dev).eval()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return Detector(

@@ -1,6 +1,9 @@
-"""Typed configuration: the one source of defaults.
+"""Typed configuration: the one schema and the one source of defaults.
 
-CLI flags, KFP pipeline parameters and ``params.yaml`` all map onto these models.
+:class:`PipelineConfig` is the whole configuration; ``params.yaml`` is a serialised
+``PipelineConfig``, and CLI flags, ``--set key.path=value``, the DVC stages and the KFP
+pipeline's settings parameter all map onto it through
+:func:`recontrast_core.steps.settings.apply_overrides`.
 Defaults follow the ReContrast paper (2,000 iterations, batch 16, 256 px) except the
 backbone, which defaults to the offline-reachable EfficientNet-Lite0 (``wide_resnet50_2``
 is the paper-parity option for clusters with hub access or a local weights file).
@@ -12,6 +15,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .promotion import PromotionPolicy
 
 
 def check_device(v: str) -> str:
@@ -65,18 +70,36 @@ class TrainConfig(_Strict):
     channels_last: bool = True
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(50, ge=1)
-    num_workers: int = 0
-    # Few-shot ReContrast: light geometric/photometric augmentation of the shots.
-    augment: bool = False
+    # Light geometric/photometric augmentation (flips, +-10% brightness/contrast).
+    # None = on for few-shot training (shots set), off otherwise.
+    augment: Optional[bool] = None
 
     _device_ok = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
 
 
 class InferenceConfig(_Strict):
+    # Scoring precision: "auto" = bf16 autocast on CUDA when the model trained with amp,
+    # fp32 on CPU; "fp32" / "bf16" force one (the GPU suite's parity section measures both).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     gaussian_sigma: float = 4.0
     score: Literal["max", "topk_mean"] = "max"
     topk_fraction: float = Field(0.01, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
+
+
+class BaselineConfig(_Strict):
+    """The training-free baseline scored beside every evaluation (recontrast_core.baseline):
+    frozen encoder, stride-8 + stride-16 taps with 3x3 averaging, nearest-neighbour patch
+    distance to a memory bank of the training normals' patches."""
+
+    enabled: bool = True
+    fraction: float = Field(0.1, gt=0, le=1)  # share of training patches kept in the bank
+    sampler: Literal["random", "coreset"] = "random"  # seeded random subset or greedy k-center
+    seed: int = 0
+    gaussian_sigma: float = Field(4.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    levels: tuple[int, int] = (1, 2)  # encoder taps at strides 8 and 16
+    projection_dim: int = Field(128, ge=0)  # coreset only: random projection for distances
 
 
 class CalibrationConfig(_Strict):
@@ -142,16 +165,19 @@ class AdaptConfig(_Strict):
     weight decay 5e-5, temperature 0.25, batch 64, 20 epochs, BatchNorm frozen, kNN k=2.
     """
 
-    method: Literal["msc", "coft"] = "msc"
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    image_size: int = Field(256, ge=32, le=1024)
+    # In a pipeline, method/shots follow the pipeline's adapt_method/shots and backbone,
+    # image_size and device follow train.* (None = follow; see steps.settings.adapt_settings).
+    # Standalone (``recontrast adapt``) a method is required and None means TrainConfig's default.
+    method: Optional[Literal["msc", "coft"]] = None
+    backbone: Optional[BackboneConfig] = None
+    image_size: Optional[int] = Field(None, ge=32, le=1024)
     # Few-shot: adapt on this many normal training images (adapt.sample_shots); None = all.
     shots: Optional[int] = Field(None, ge=1)
     shots_seed: int = 0  # which shots (the pipeline's steps.SHOTS_SEED is 0 too)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=2)
     seed: int = 0
-    device: str = "auto"
+    device: Optional[str] = None
     # Embedding: global `pool` of feature level `level` (index into the encoder's three
     # levels; -1 = the last, deepest one).
     level: int = Field(-1, ge=-3, le=2)
@@ -173,30 +199,23 @@ class AdaptConfig(_Strict):
     knn_k: int = Field(2, ge=1)
     coft: CoftConfig = Field(default_factory=CoftConfig)
 
-    _device_ok = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
+    _device_ok = field_validator("device")(classmethod(lambda cls, v: v if v is None else check_device(v)))
 
     @field_validator("crop_scale")
     @classmethod
     def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
         return _crop_scale_ok(v)
 
+    def resolved(self, train: Optional["TrainConfig"] = None) -> "AdaptConfig":
+        """Unset encoder settings (backbone, image size, device) taken from ``train``
+        (default: :class:`TrainConfig`'s defaults), so the adapted encoder fits the trainer."""
+        t = train or TrainConfig()
+        return self.model_copy(update={
+            "backbone": self.backbone or t.backbone,
+            "image_size": self.image_size or t.image_size,
+            "device": self.device or t.device,
+        })
 
-def load_yaml_config(path: Path, model: type[BaseModel], section: Optional[str] = None):
-    """Read a YAML file (optionally one section of it) into a config model."""
-    import yaml
-
-    from .errors import UserError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{path}: cannot read config: {exc}") from exc
-    if section is not None:
-        data = data.get(section, {}) or {}
-    try:
-        return model.model_validate(data)
-    except Exception as exc:  # pydantic ValidationError: name the file and the field
-        raise UserError(f"{path}: invalid {section or 'config'}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,28 +235,16 @@ class DataConfig(_Strict):
     # e.g. KFP pods); s3:// and DVC sources are always materialised there.
     copy_local: bool = False
     check_decode: bool = True
+    # Options of the folder layout (normal_dir, abnormal_dir, mask_dir: relative to the
+    # dataset root or absolute).
+    layout_options: dict[str, str] = Field(default_factory=dict)
 
 
-class RegistryConfig(_Strict):
-    """Promotion policy of the register step (maps onto registry.PromotionPolicy)."""
+class RegistryConfig(PromotionPolicy):
+    """The register step: which registered model, and the promotion rule
+    (:class:`~recontrast_core.promotion.PromotionPolicy`, whose defaults are the only ones)."""
 
     model_name: str = "recontrast"
-    primary_metric: str = "image_auroc"
-    margin: float = Field(0.005, ge=0)
-    floors: dict[str, float] = Field(default_factory=lambda: {"image_auroc": 0.7})
-    secondary_metrics: tuple[str, ...] = ()
-    secondary_tolerance: float = Field(0.01, ge=0)
-
-    def to_policy(self):
-        from .registry import PromotionPolicy
-
-        return PromotionPolicy(
-            floors=dict(self.floors),
-            primary_metric=self.primary_metric,
-            margin=self.margin,
-            secondary_metrics=tuple(self.secondary_metrics),
-            secondary_tolerance=self.secondary_tolerance,
-        )
 
 
 class TrackingConfig(_Strict):
@@ -256,5 +263,6 @@ class PipelineConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

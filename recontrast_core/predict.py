@@ -18,9 +18,10 @@ from .bundle import Detector, load_detector, to_model_input
 from .calibration import normalise
 from .data.images import is_image_filename
 from .errors import UserError
+from .plots import overlay
 from .runtime import atomic_write
 
-RESULTS_FILE = "results.csv"
+from .filenames import RESULTS_FILE  # noqa: E402
 
 
 def expand_inputs(paths: Iterable[Union[str, Path]]) -> list[Path]:
@@ -37,15 +38,6 @@ def expand_inputs(paths: Iterable[Union[str, Path]]) -> list[Path]:
         raise UserError("no images found in the given paths")
     return out
 
-
-def overlay(image_chw: np.ndarray, norm_map: np.ndarray) -> np.ndarray:
-    """[image | heat-map overlay] side by side, uint8 HxWx3."""
-    from matplotlib import colormaps
-
-    rgb = image_chw.transpose(1, 2, 0).astype(np.float32)
-    heat = colormaps["jet"](np.clip(norm_map, 0, 1))[..., :3] * 255.0
-    blend = 0.55 * rgb + 0.45 * heat
-    return np.concatenate([rgb, blend], axis=1).clip(0, 255).astype(np.uint8)
 
 
 def predict_paths(

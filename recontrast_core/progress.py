@@ -7,7 +7,7 @@ stderr so ``--json`` output on stdout stays clean.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from rich.console import Console
 from rich.progress import (
@@ -31,13 +31,8 @@ class _Bar:
             self._progress.update(self._task, advance=n, info=info)
 
 
-@contextlib.contextmanager
-def track_steps(description: str, total: int, enabled: bool = True, completed: int = 0) -> Iterator[_Bar]:
-    """``with track_steps("train", 2000) as bar: ... bar.advance(1, info="loss 0.42")``."""
-    if not enabled:
-        yield _Bar(None, None)
-        return
-    progress = Progress(
+def _progress() -> Progress:
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -46,6 +41,23 @@ def track_steps(description: str, total: int, enabled: bool = True, completed: i
         TimeRemainingColumn(),
         console=stderr_console,
     )
+
+
+def open_bar(description: str, total: int, completed: int = 0) -> tuple[_Bar, Callable[[], None]]:
+    """A started bar and its ``close`` (for loops that cannot sit in a ``with`` block)."""
+    progress = _progress()
+    progress.start()
+    task = progress.add_task(description, total=total, completed=completed, info="")
+    return _Bar(progress, task), progress.stop
+
+
+@contextlib.contextmanager
+def track_steps(description: str, total: int, enabled: bool = True, completed: int = 0) -> Iterator[_Bar]:
+    """``with track_steps("train", 2000) as bar: ... bar.advance(1, info="loss 0.42")``."""
+    if not enabled:
+        yield _Bar(None, None)
+        return
+    progress = _progress()
     with progress:
         task = progress.add_task(description, total=total, completed=completed, info="")
         yield _Bar(progress, task)

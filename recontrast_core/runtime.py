@@ -1,12 +1,14 @@
-"""Device choice, seeding and atomic file writes shared by training, evaluation and adaptation."""
+"""Process-level plumbing shared by every layer: device choice, threads, seeding, atomic file
+writes (the one atomic writer), JSON files, and the S3 endpoint rule."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -49,3 +51,88 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(path: Path, payload: Any) -> Path:
+    """``payload`` as indented JSON, written atomically."""
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    return atomic_write(Path(path), lambda p: p.write_text(text))
+
+
+def read_json(path: Path) -> Optional[Any]:
+    """The JSON in ``path``, or None when the file is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# Environment variables naming an S3-compatible endpoint (MinIO, moto), first match wins.
+S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
+    """The project's one S3 endpoint rule: the argument, else the first of
+    :data:`S3_ENDPOINT_ENV` that is set, else None (AWS itself)."""
+    if endpoint_url:
+        return endpoint_url
+    for name in S3_ENDPOINT_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# threads: follow the CPU quota (a Kubernetes pod's limit), not the host's core count
+# ---------------------------------------------------------------------------------------
+THREAD_ENV = ("RECONTRAST_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> Optional[float]:
+    """CPUs this process may use by its cgroup quota (v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None when unlimited or unknown."""
+    try:
+        fields = (cgroup_root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        if fields:
+            return None
+    except (OSError, ValueError, IndexError):
+        pass
+    for base in (cgroup_root / "cpu", cgroup_root / "cpu,cpuacct", cgroup_root):
+        try:
+            quota = int((base / "cpu.cfs_quota_us").read_text())
+            period = int((base / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def default_threads(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Threads for torch: the CPUs this process may run on (affinity), capped by the
+    cgroup quota (rounded down, at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
+def configure_threads(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Set torch's intra-op threads from the CPU quota unless the user set them
+    (``RECONTRAST_NUM_THREADS`` or ``OMP_NUM_THREADS``, which win). Torch otherwise sees the
+    host's cores inside a CPU-limited pod and oversubscribes. Returns the thread count."""
+    for name in THREAD_ENV:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            n = int(value)
+            break
+    else:
+        n = default_threads(cgroup_root)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

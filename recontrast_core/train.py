@@ -11,6 +11,7 @@ iteration count and batch order.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .bundle import Detector, build_model, save_bundle
+from .bundle import Detector, save_bundle
+from .models import build_model
 from .calibration import fit_calibration
 from .config import CalibrationConfig, InferenceConfig, TrainConfig
 from .data.manifest import Manifest, split_validation
@@ -30,6 +32,7 @@ from .progress import track_steps
 from .runtime import amp_dtype_for, atomic_write, resolve_device, seed_everything
 
 CHECKPOINT_NAME = "last.pt"
+FEW_SHOT_CALIBRATION_VIEWS = 8  # the shot itself + 7 augmented views
 # Settings that must match for --resume to continue the same run.
 _RESUME_KEYS = ("backbone", "image_size", "batch_size", "lr_decoder", "lr_encoder", "weight_decay",
                 "decoder_blocks", "bottleneck_blocks", "encoder_bn", "seed", "augment")
@@ -43,6 +46,17 @@ class TrainResult:
     wall_time_s: float = 0.0
     images_per_s: float = 0.0
     checkpoint: Optional[Path] = None
+
+
+def _to_host(obj):
+    """A copy of a (nested) state with every tensor in host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
 
 
 def batch_indices(iteration: int, n: int, batch: int, seed: int) -> torch.Tensor:
@@ -93,6 +107,8 @@ class Trainer:
         self.opt_decoder = torch.optim.AdamW(list(model.decoder_parameters()), lr=cfg.lr_decoder, **common)
         self.opt_encoder = torch.optim.AdamW(list(model.encoder.parameters()), lr=cfg.lr_encoder, **common)
         self.amp_dtype = amp_dtype_for(device, cfg.amp)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input shape all run long
 
     def step(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         self.model.train()
@@ -116,9 +132,35 @@ class Trainer:
             "config": self.cfg.model_dump_json(),
         }
 
-    def save(self, path: Path, iteration: int, history: list[dict]) -> Path:
-        state = self.state(iteration, history)
-        return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def save(self, path: Path, iteration: int, history: list[dict], background: bool = False) -> Path:
+        """Write the checkpoint atomically. ``background``: snapshot every tensor to host
+        memory now and write the file in a thread, so a GPU keeps training meanwhile (one
+        write in flight; :meth:`wait` joins it and re-raises its error)."""
+        state = self.state(iteration, list(history))
+        if not background:
+            self.wait()
+            return atomic_write(path, lambda tmp: torch.save(state, tmp))
+        self.wait()
+        snapshot = _to_host(state)
+
+        def write() -> None:
+            try:
+                atomic_write(path, lambda tmp: torch.save(snapshot, tmp))
+            except BaseException as exc:  # re-raised by wait() in the training thread
+                self._save_error = exc
+
+        self._saver = threading.Thread(target=write, name="checkpoint-writer")
+        self._saver.start()
+        return path
+
+    def wait(self) -> None:
+        """Finish a background checkpoint write (re-raising its error, if any)."""
+        saver, self._saver = getattr(self, "_saver", None), None
+        if saver is not None:
+            saver.join()
+        error, self._save_error = getattr(self, "_save_error", None), None
+        if error is not None:
+            raise error
 
     def load(self, path: Path) -> tuple[int, list[dict]]:
         if not path.is_file():
@@ -147,15 +189,28 @@ def train_model(
     calibration: CalibrationConfig = CalibrationConfig(),
     inference: InferenceConfig = InferenceConfig(),
     cache_dir: Optional[Path] = None,
+    few_shot: bool = False,
 ) -> TrainResult:
-    """Train on the manifest's normal training images; write checkpoints and the bundle."""
+    """Train on the manifest's normal training images; write checkpoints and the bundle.
+
+    ``few_shot``: every image trains (no calibration hold-out: with a handful of shots each
+    one counts) and the threshold is set on :data:`FEW_SHOT_CALIBRATION_VIEWS` augmented
+    views of each shot (the training augmentation) at the target false-positive rate;
+    augmentation is on unless ``cfg.augment`` says otherwise. Otherwise
+    ``calibration.validation_fraction`` of the normals is held out to set the threshold.
+    """
     from .data.cache import load_resized
 
     out_dir = Path(out_dir)
     normal_train = manifest.select(split="train", label=0)
     if len(normal_train) == 0:
         raise UserError(f"{manifest.root}: no normal training images in the manifest")
-    fit, val = split_validation(normal_train, calibration.validation_fraction, cfg.seed)
+    if cfg.augment is None:
+        cfg = cfg.model_copy(update={"augment": few_shot})
+    if few_shot:
+        fit, val = normal_train, normal_train.subset([])
+    else:
+        fit, val = split_validation(normal_train, calibration.validation_fraction, cfg.seed)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     images, _, _ = load_resized(fit, cfg.image_size, with_masks=False, progress=progress, cache_dir=cache_dir)
@@ -182,7 +237,8 @@ def train_model(
                 history.append({"iteration": done, "loss": mean_loss, "alpha": alpha})
                 bar.advance(0, info=f"loss {mean_loss:.4f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                trainer.save(ckpt, done, history)
+                # On a GPU, intermediate checkpoints are written by a thread (off the hot path).
+                trainer.save(ckpt, done, history, background=device.type == "cuda" and done < cfg.iterations)
             bar.advance(1)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -190,7 +246,8 @@ def train_model(
     trained = cfg.iterations - start
 
     detector = Detector(model=trainer.model.eval(), config=cfg, inference=inference, calibration=None, meta={}, device=device)
-    calib = _calibrate(detector, val if len(val) else fit, calibration, cfg, progress, cache_dir)
+    calib = _calibrate(detector, val if len(val) else fit, calibration, cfg, progress, cache_dir,
+                       views=FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1)
     bundle_dir = save_bundle(
         out_dir / "bundle", trainer.model, cfg, inference, calib,
         dataset_fingerprint=manifest.fingerprint,
@@ -198,9 +255,14 @@ def train_model(
             "iterations": cfg.iterations,
             "final_loss": history[-1]["loss"] if history else None,
             "wall_time_s": round(wall, 2),
+            "images_per_s": round(trained * cfg.batch_size / wall, 3) if wall > 0 else None,
+            "history": history,
             "init_encoder": init_encoder,
             "n_train_images": len(fit),
             "n_calibration_images": len(val) if len(val) else len(fit),
+            "calibration_views": FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1,
+            "calibration_set": ("augmented views of the shots" if few_shot else
+                                "held-out normal training images" if len(val) else "the training images"),
             "device": str(device),
         },
     )
@@ -223,10 +285,24 @@ def _prepare(batch_uint8: torch.Tensor, cfg: TrainConfig, device, iteration: int
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def _calibrate(detector: Detector, calib_set: Manifest, calibration: CalibrationConfig, cfg: TrainConfig, progress: bool, cache_dir):
-    """Production threshold from held-out normal images (target false-positive rate)."""
-    from .data.cache import load_resized
+def _calibrate(detector: Detector, calib_set: Manifest, calibration: CalibrationConfig, cfg: TrainConfig, progress: bool,
+               cache_dir, views: int = 1):
+    """Production threshold from normal images (target false-positive rate); with
+    ``views > 1`` also from augmented views of them (view 0 is the image itself)."""
+    from .data.cache import batch_slices, load_resized
+    from .inference import predict_batch
 
     images, _, _ = load_resized(calib_set, cfg.image_size, with_masks=False, progress=progress, cache_dir=cache_dir)
-    _, scores = detector.score_uint8(images)
-    return fit_calibration(np.asarray(scores), None, target_fpr=calibration.target_fpr)
+    if views <= 1:
+        _, scores = detector.score_uint8(images)
+        return fit_calibration(np.asarray(scores), None, target_fpr=calibration.target_fpr)
+    model, device = detector.model, detector.device
+    amp = detector.scoring_dtype
+    out = []
+    for view in range(views):
+        for chunk in batch_slices(images.shape[0], detector.inference.batch_size):
+            x = _prepare(images[chunk], cfg.model_copy(update={"augment": False}), device, 0, model.encoder.stats)
+            if view:
+                x = augment_batch(x, 1_000_000 + view * 10_000 + chunk.start, cfg.seed + 1)
+            out.append(predict_batch(model, x, detector.inference, amp)[1].float().cpu())
+    return fit_calibration(torch.cat(out).numpy(), None, target_fpr=calibration.target_fpr)

@@ -15,8 +15,7 @@ step): it writes
   history and final loss, the images used (shots), wall time and device.
 
 The scorers (:class:`~.knn.KNNScorer`, :class:`~.coft.MahalanobisScorer`) fit on normal
-images or shots and score test images; :func:`evaluate_scorer` gives the image AUROC of
-a manifest's test split. See docs/adaptation.md.
+images or shots and score test images (the benchmarks use them). See docs/adaptation.md.
 """
 
 from __future__ import annotations
@@ -40,12 +39,12 @@ from .msc import MSCResult, compute_center, mean_shift, msc_loss, nt_xent, train
 from .shots import sample_shots
 from .synth import cut_paste, noise_blob, scar, synthesize
 
-ENCODER_FILE = "encoder.safetensors"
-META_FILE = "encoder.json"
+from ..filenames import ENCODER_FILE  # noqa: E402
+from ..filenames import ENCODER_META_FILE as META_FILE  # noqa: E402
 ADAPTED_FORMAT = "recontrast-adapted-encoder/1"
 
 __all__ = [
-    "run_adapt", "load_adapted", "AdaptedEncoder", "make_scorer", "evaluate_scorer", "sample_shots",
+    "run_adapt", "load_adapted", "AdaptedEncoder", "sample_shots",
     "Embedder", "KNNScorer", "MahalanobisScorer", "GaussianModel", "knn_scores",
     "train_msc", "msc_loss", "nt_xent", "compute_center", "mean_shift", "MSCResult",
     "train_coft", "coft_loss", "COFTResult", "synthesize", "cut_paste", "scar", "noise_blob",
@@ -70,8 +69,9 @@ def run_adapt(manifest: Manifest, cfg: AdaptConfig, out_dir: Union[str, Path], p
     from ..models.backbones import create_encoder
     from ..runtime import resolve_device, seed_everything
 
-    if cfg.method not in ("msc", "coft"):  # the config already restricts it; belt and braces
-        raise UserError(f"unknown adaptation method {cfg.method!r} (msc | coft)")
+    if cfg.method not in ("msc", "coft"):
+        raise UserError(f"adaptation needs a method: msc or coft, not {cfg.method!r}")
+    cfg = cfg.resolved()
     rows = _training_images(manifest, cfg)
     if cfg.method == "msc" and len(rows) < 2:
         raise UserError("MSC needs at least 2 normal training images (use --method coft for 1 shot)")
@@ -145,33 +145,3 @@ def load_adapted(path: Union[str, Path]) -> AdaptedEncoder:
         raise UserError(f"{meta_path}: cannot read the adapted encoder's metadata: {exc}") from exc
     backbone = BackboneConfig.model_validate(meta["backbone"]).model_copy(update={"weights": str(p)})
     return AdaptedEncoder(create_encoder(backbone), meta, p)
-
-
-def make_scorer(encoder, cfg: AdaptConfig, device: Optional[torch.device] = None, *, kind: Optional[str] = None):
-    """The scorer of ``cfg.method`` (``kind`` overrides: ``"knn"`` | ``"mahalanobis"``) on
-    ``encoder``'s embeddings: kNN (k = ``cfg.knn_k``) for MSC, Mahalanobis for COFT."""
-    kind = kind or ("knn" if cfg.method == "msc" else "mahalanobis")
-    embedder = Embedder(encoder, cfg.level, cfg.pool, device, batch_size=cfg.batch_size)
-    if kind == "knn":
-        return KNNScorer(embedder, cfg.knn_k)
-    if kind == "mahalanobis":
-        return MahalanobisScorer(embedder, cfg.coft.fit_views, cfg.coft.crop_scale, seed=cfg.seed, hflip=cfg.hflip)
-    raise ValueError(f"unknown scorer {kind!r} (knn | mahalanobis)")
-
-
-def evaluate_scorer(scorer, manifest: Manifest, image_size: int, *, fit_rows: Optional[Manifest] = None,
-                    progress: bool = False) -> dict:
-    """Fit ``scorer`` on ``fit_rows`` (default: the normal training images), score the
-    manifest's test split; returns ``{"image_auroc", "n_fit", "n_test", "scores", "labels"}``."""
-    from ..data.cache import load_resized
-    from ..metrics import image_auroc
-
-    fit_rows = fit_rows if fit_rows is not None else manifest.select(split="train", label=0)
-    test = manifest.select(split="test")
-    fit_images, _, _ = load_resized(fit_rows, image_size, progress=progress)
-    test_images, _, labels = load_resized(test, image_size, progress=progress)
-    scorer.fit(fit_images)
-    scores = np.asarray(scorer.score(test_images))
-    y = labels.numpy()
-    return {"image_auroc": float(image_auroc(y, scores)), "n_fit": len(fit_rows), "n_test": len(test),
-            "scores": scores.tolist(), "labels": y.tolist()}

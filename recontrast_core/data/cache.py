@@ -194,14 +194,14 @@ class ImageCache:
                             for i in rows[key]:
                                 masks[i] = arr  # type: ignore[index]
                         if bar is not None:
-                            bar[0].advance(bar[1])
+                            bar[0].advance(1)
                 except BaseException:
                     for f in futures:
                         f.cancel()
                     raise
         finally:
             if bar is not None:
-                bar[0].stop()
+                bar[1]()
         return ResizedSet(
             torch.from_numpy(images),
             torch.from_numpy(masks) if masks is not None else None,
@@ -221,12 +221,9 @@ def _content_sha(e: ManifestEntry) -> Optional[str]:
 def _make_bar(progress: bool, total: int):
     if not progress or total == 0:
         return None
-    from rich.progress import Progress
+    from ..progress import open_bar
 
-    bar = Progress(transient=True)
-    task = bar.add_task("decoding images", total=total)
-    bar.start()
-    return bar, task
+    return open_bar("decode", total)
 
 
 def load_resized(

@@ -110,12 +110,10 @@ class Manifest:
         }
 
     def save(self, path: os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        from ..runtime import atomic_write
+
+        text = json.dumps(self.to_dict(), indent=1)
+        return atomic_write(Path(path), lambda p: p.write_text(text))
 
     @classmethod
     def load(cls, path: os.PathLike) -> "Manifest":

@@ -148,12 +148,10 @@ def _progress_callback(progress: ProgressArg, total: int):
         return (lambda done: None), (lambda: None)
     if callable(progress):
         return (lambda done: progress(done, total)), (lambda: None)
-    from rich.progress import Progress
+    from ..progress import open_bar
 
-    bar = Progress(transient=True)
-    task = bar.add_task("validating images", total=total)
-    bar.start()
-    return (lambda done: bar.update(task, completed=done)), bar.stop
+    bar, close = open_bar("validate", total)
+    return (lambda done: bar.advance(1)), close
 
 
 def validate_manifest(

@@ -9,16 +9,14 @@ Weights (``BackboneConfig.weights``):
   timm's hub tags (``tv_in1k``), which need network access or a populated HF cache.
 - ``"none"``: random initialisation (speed benchmarks and tests only).
 - a path to ``.safetensors`` / ``.pth`` / ``.pt`` (a state_dict; timm or our own adapted
-  encoder), or an ``s3://`` URI that is downloaded first.
+  encoder); ``s3://`` URIs are downloaded by the step layer before they get here.
 Weights that cannot be reached raise :class:`WeightsUnavailableError`; nothing silently
 falls back to random weights.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -219,9 +217,12 @@ def _imagenet_state(cfg: BackboneConfig, spec: BackboneSpec, kwargs: dict) -> di
 
 
 def read_state_dict(source: str) -> dict:
-    """Read a state_dict from a local file or an ``s3://`` URI (safetensors preferred)."""
+    """Read a state_dict from a local file (safetensors preferred). ``s3://`` weights are
+    downloaded by the step layer first (``mlops.storage.localize_weights``)."""
     if source.startswith("s3://"):
-        return _read_s3_state_dict(source)
+        raise WeightsUnavailableError(
+            f"{source}: the library reads local weight files; the pipeline steps and the CLI "
+            "download s3:// weights first")
     path = Path(source)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weights file not found")
@@ -231,8 +232,9 @@ def read_state_dict(source: str) -> dict:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsUnavailableError(f"{path}: cannot read weights: {exc}") from exc
+    except Exception as exc:  # corrupt, truncated or not a tensor file: one line, no advice
+        raise WeightsUnavailableError(f"{path}: cannot read weights ({type(exc).__name__}: "
+                                      f"{_first_line(exc)[:160]})") from exc
     for key in ("state_dict", "model", "encoder"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -240,19 +242,6 @@ def read_state_dict(source: str) -> dict:
         raise WeightsUnavailableError(f"{path}: not a state_dict")
     return state
 
-
-def _read_s3_state_dict(uri: str) -> dict:
-    import boto3  # only needed for s3:// weights; never imported by the pure-ML path otherwise
-
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    suffix = Path(key).suffix or ".pth"
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / f"weights{suffix}"
-        try:
-            boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).download_file(bucket, key, str(local))
-        except Exception as exc:
-            raise WeightsUnavailableError(f"{uri}: cannot download weights: {exc}") from exc
-        return read_state_dict(str(local))
 
 
 def load_encoder_state(encoder: Encoder, state: dict, source: str = "") -> None:

@@ -7,12 +7,13 @@ bottleneck and decoder exactly (latent 2048 @ stride 32, decoder stages of 3/4/6
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .backbones import Encoder
+from ..config import TrainConfig
+from .backbones import Encoder, create_encoder
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -160,3 +161,13 @@ def build_recontrast(encoder: Encoder, frozen: Encoder, decoder_blocks=(3, 4, 6)
     model = ReContrast(encoder, frozen, tuple(decoder_blocks), bottleneck_blocks, init)
     model.encoder_bn_train = encoder_bn == "train"
     return model
+
+
+def build_model(cfg: TrainConfig, weights: Optional[str] = None) -> ReContrast:
+    """The ReContrast model a :class:`TrainConfig` describes: the encoder with its weights
+    (``weights`` overrides ``cfg.backbone.weights``), its frozen copy, bottleneck, decoder."""
+    backbone = cfg.backbone if weights is None else cfg.backbone.model_copy(update={"weights": weights})
+    encoder = create_encoder(backbone)
+    frozen = create_encoder(backbone.model_copy(update={"weights": "none"}))
+    frozen.load_state_dict(encoder.state_dict())
+    return build_recontrast(encoder, frozen, cfg.decoder_blocks, cfg.bottleneck_blocks, cfg.encoder_bn, cfg.decoder_init)

@@ -59,6 +59,9 @@ def test_few_shot_training_cli(tiny_tile, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "bundle" / "bundle.json").read_text())
     assert meta["train_config"]["augment"] is True  # on by default with --shots
-    assert meta["training"]["n_train_images"] + meta["training"]["n_calibration_images"] == 4
+    # every shot trains (none held out); the threshold comes from 8 augmented views of each shot
+    assert meta["training"]["n_train_images"] == 4 and meta["training"]["n_calibration_images"] == 4
+    assert meta["training"]["calibration_set"] == "augmented views of the shots"
+    assert meta["training"]["calibration_views"] == 8 and meta["calibration"]["n_normal"] == 32
     r = run("train", tiny_tile, "--out", out, "--shots", "999", "--no-progress")
     assert r.returncode == 2 and "only 12 normal training images" in r.stderr

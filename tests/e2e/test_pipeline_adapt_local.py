@@ -2,10 +2,10 @@
 
 ingest -> adapt (MSC) -> train -> evaluate -> register on a small real subset of
 magnetic-tile-dev (8 normal training images, 2 good + 2 cracked test images), embedded
-defaults (SQLite MLflow in the working folder, KFP's local runner). The adapt settings
-that have no pipeline parameter of their own (lr, angular weight, views, the adapt seed)
-travel in ``extra_settings``; the adapted encoder's metadata must show every one of them,
-and the trained bundle must have started from that encoder. Skipped without the dataset.
+defaults (SQLite MLflow in the working folder, KFP's local runner). Every adapt setting
+travels in the pipeline's one ``settings`` parameter; the adapted encoder's metadata must
+show every one of them, and the trained bundle must have started from that encoder.
+Skipped without the dataset.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def test_local_pipeline_adapts_with_every_setting(magnetic_tile_root: Path, tmp_
         "adapt": ADAPT,
         "train": {"image_size": 64, "iterations": 2, "batch_size": 4, "decoder_blocks": [1, 1, 1],
                   "bottleneck_blocks": 1, "device": "cpu", "seed": 7},
-        "registry": {"floors": {"image_auroc": 0.0}},
+        "registry": {"floors": {"image_auroc": 0.0}, "baseline_floor": False},  # 2 iterations: mechanics only
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

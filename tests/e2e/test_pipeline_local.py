@@ -10,8 +10,8 @@ ingest -> train -> evaluate -> register through ``kfp.local.SubprocessRunner(use
 * MLflow is a real ``mlflow server`` (SQLite backend) whose artifact store is the same
   moto S3 (``mlflow_server``);
 * training is tiny (64 px, 2 iterations, batch 4, one block per decoder stage, one
-  bottleneck block), set through ``--params`` (a params.yaml); the settings without a
-  pipeline parameter of their own travel in the pipeline's ``extra_settings``.
+  bottleneck block), set through ``--params`` (a params.yaml); they travel in the
+  pipeline's one ``settings`` parameter.
 
 The repository has two tagged revisions of the dataset: ``good`` and ``bad`` (the same
 plus a truncated JPEG in ``train/good``). The first test runs ``good`` and checks MLflow
@@ -144,7 +144,7 @@ def write_params(path: Path, repo: Path, rev: str, model_name: str, experiment: 
         "data": {"source": DATA_PATH, "dvc_repo": str(repo), "dvc_rev": rev},
         "train": TINY_TRAIN,
         # a first model becomes champion whatever its (2-iteration) accuracy
-        "registry": {"model_name": model_name, "floors": {"image_auroc": 0.0}},
+        "registry": {"model_name": model_name, "floors": {"image_auroc": 0.0}, "baseline_floor": False},
         "tracking": {"tracking_uri": tracking_uri, "experiment": experiment},
     }
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -241,7 +241,7 @@ def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_s
     assert {t.key: t.value for t in inputs[0].tags}["dvc_rev"] == data_repo["good_commit"]
     assert ingest.data.params["source_kind"] == "dvc"
 
-    # train: the tiny settings arrived (the decoder/bottleneck ones through extra_settings)
+    # train: the tiny settings arrived (through the settings parameter)
     train_params = by_step["train"].data.params
     expected = {"train.image_size": "64", "train.iterations": "2", "train.batch_size": "4",
                 "train.decoder_blocks": "[1, 1, 1]", "train.bottleneck_blocks": "1",
@@ -252,11 +252,13 @@ def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_s
 
     # evaluate: the metrics and the evaluation artifacts (stored on S3 through the server)
     eval_run = by_step["evaluate"]
-    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
-        assert key in eval_run.data.metrics, sorted(eval_run.data.metrics)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "baseline_image_auroc", "baseline_pixel_auroc"):
+        assert key in eval_run.data.metrics, sorted(eval_run.data.metrics)  # the baseline beside the model
     assert 0.0 <= eval_run.data.metrics["image_auroc"] <= 1.0
     eval_files = {Path(a.path).name for a in client.list_artifacts(eval_run.info.run_id, "evaluation")}
     assert "metrics.json" in eval_files, eval_files
+    plot_files = {Path(a.path).name for a in client.list_artifacts(eval_run.info.run_id, "evaluation/plots")}
+    assert {"roc.png", "pr.png", "overlay_grid.png"} <= plot_files, plot_files
     keys = [o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=ARTIFACT_BUCKET).get("Contents", [])]
     assert any(eval_run.info.run_id in k and k.endswith("metrics.json") for k in keys), keys[:20]
 

@@ -27,7 +27,7 @@ def test_msc_adapt_then_train_starts_from_adapted_weights(magnetic_tile_root: Pa
     manifest = read_dataset(magnetic_tile_root)
     few = sample_shots(manifest, 8, seed=0)
     # lr 1e-3 (not the paper's 1e-5) so two steps move the weights measurably
-    cfg = AdaptConfig(image_size=64, epochs=1, batch_size=4, device="cpu", lr=1e-3, freeze_levels=2)
+    cfg = AdaptConfig(method="msc", image_size=64, epochs=1, batch_size=4, device="cpu", lr=1e-3, freeze_levels=2)
     path = run_adapt(few, cfg, tmp_path / "adapt", progress=False)
     assert path.name == ENCODER_FILE
     meta = json.loads((tmp_path / "adapt" / META_FILE).read_text())

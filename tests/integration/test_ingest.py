@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from recontrast_core import steps
+from recontrast_core.steps import artifacts
+from recontrast_core.steps.settings import apply_overrides
 from recontrast_core.data.manifest import Manifest
 from recontrast_core.errors import DataValidationError, UserError
 
@@ -61,7 +63,14 @@ def subset(magnetic_tile_root: Path, tmp_path: Path) -> Path:
 
 
 def _info(out: Path) -> dict:
-    return json.loads((out / steps.INGEST_FILE).read_text())
+    return json.loads((out / artifacts.INGEST_FILE).read_text())
+
+
+def ingest(source, out: Path, *, dvc_remote=None, pipeline_run_id=None, tracking_uri=None, experiment=None, **data):
+    """steps.ingest with ``data.*`` settings given as keywords (source, copy_local, dvc_repo...)."""
+    overrides = {"data.source": str(source), **{f"data.{k}": v for k, v in data.items()},
+                 "tracking.tracking_uri": tracking_uri, "tracking.experiment": experiment}
+    return steps.ingest(out, apply_overrides(None, overrides), dvc_remote=dvc_remote, pipeline_run_id=pipeline_run_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,7 +78,7 @@ def _info(out: Path) -> dict:
 # ---------------------------------------------------------------------------------------
 def test_ingest_local_folder(subset: Path, tmp_path: Path) -> None:
     out = tmp_path / "ingest"
-    mpath = steps.ingest(subset, out)
+    mpath = ingest(subset, out)
     assert mpath == out / "manifest.json"
     m = Manifest.load(mpath)
     assert len(m) == N_TRAIN + N_TEST_GOOD + N_TEST_CRACK
@@ -82,18 +91,18 @@ def test_ingest_local_folder(subset: Path, tmp_path: Path) -> None:
     assert info["fingerprint"] == m.fingerprint
     # Same content -> same fingerprint, wherever the folder lies; changed content -> new one.
     moved = shutil.copytree(subset, tmp_path / "elsewhere")
-    assert Manifest.load(steps.ingest(moved, tmp_path / "i2")).fingerprint == m.fingerprint
+    assert Manifest.load(ingest(moved, tmp_path / "i2")).fingerprint == m.fingerprint
     (moved / "train" / "good" / sorted(os.listdir(moved / "train" / "good"))[0]).unlink()
-    assert Manifest.load(steps.ingest(moved, tmp_path / "i3")).fingerprint != m.fingerprint
+    assert Manifest.load(ingest(moved, tmp_path / "i3")).fingerprint != m.fingerprint
 
 
 def test_ingest_copy_local_travels_with_the_artifact(subset: Path, tmp_path: Path) -> None:
     out = tmp_path / "a" / "ingest"
-    steps.ingest(subset, out, copy_local=True)
+    ingest(subset, out, copy_local=True)
     assert _info(out)["data_dir"] == "data"
     moved = tmp_path / "b" / "ingest"
     shutil.move(str(out), moved)  # e.g. a KFP artifact downloaded in another pod
-    m = steps.load_manifest(moved)
+    m = artifacts.load_manifest(moved)
     assert Path(m.root) == (moved / "data").resolve()
     assert all(p.is_file() for p in m.image_paths())
 
@@ -106,14 +115,14 @@ def test_bad_dataset_fails_at_ingest_naming_the_file(subset: Path, tmp_path: Pat
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
     out = tmp_path / "ingest"
     with pytest.raises(DataValidationError) as err:
-        steps.ingest(subset, out)
+        ingest(subset, out)
     assert "zz_truncated.png" in str(err.value)
     assert not (out / "manifest.json").exists()  # nothing for later steps to pick up
 
 
 def test_missing_dataset_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
-        steps.ingest(tmp_path / "nope", tmp_path / "out")
+        ingest(tmp_path / "nope", tmp_path / "out")
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,16 +148,16 @@ def test_ingest_s3_prefix(moto_s3, subset: Path, tmp_path: Path, monkeypatch) ->
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # endpoint from the argument first
     n = _upload(moto_s3, subset, "datasets", "tiles/v1")
     out = tmp_path / "ingest"
-    mpath = steps.ingest("s3://datasets/tiles/v1", out, s3_endpoint_url=moto_s3.endpoint_url)
+    mpath = ingest("s3://datasets/tiles/v1", out, s3_endpoint_url=moto_s3.endpoint_url)
     info = _info(out)
     assert info["source_kind"] == "s3" and info["data_dir"] == "data"
     assert info["fetch"]["objects"] == n and info["fetch"]["downloaded"] == n
-    local = Manifest.load(steps.ingest(subset, tmp_path / "local"))
+    local = Manifest.load(ingest(subset, tmp_path / "local"))
     assert Manifest.load(mpath).fingerprint == local.fingerprint
 
     # Again, endpoint from the environment this time: unchanged objects are not downloaded.
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint_url)
-    steps.ingest("s3://datasets/tiles/v1/", out)
+    ingest("s3://datasets/tiles/v1/", out)
     assert _info(out)["fetch"] == {"objects": n, "downloaded": 0, "bytes": 0}
 
 
@@ -157,9 +166,9 @@ def test_ingest_s3_errors_are_user_errors(moto_s3, tmp_path: Path, monkeypatch) 
         monkeypatch.setenv(key, value)
     moto_s3.client().create_bucket(Bucket="empty-bucket")
     with pytest.raises(UserError, match="no objects"):
-        steps.ingest("s3://empty-bucket/nothing", tmp_path / "a")
+        ingest("s3://empty-bucket/nothing", tmp_path / "a")
     with pytest.raises(UserError, match="NoSuchBucket"):
-        steps.ingest("s3://no-such-bucket-here/x", tmp_path / "b")
+        ingest("s3://no-such-bucket-here/x", tmp_path / "b")
 
 
 def test_bad_dataset_from_s3_names_the_file(moto_s3, subset: Path, tmp_path: Path, monkeypatch) -> None:
@@ -168,7 +177,7 @@ def test_bad_dataset_from_s3_names_the_file(moto_s3, subset: Path, tmp_path: Pat
     (subset / "test" / "good" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
     _upload(moto_s3, subset, "datasets", "tiles/broken")
     with pytest.raises(DataValidationError, match="broken.jpg"):
-        steps.ingest("s3://datasets/tiles/broken", tmp_path / "ingest")
+        ingest("s3://datasets/tiles/broken", tmp_path / "ingest")
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,7 +231,7 @@ def dvc_repo(moto_s3, magnetic_tile_root: Path, tmp_path: Path, monkeypatch):
 def test_ingest_dvc_revisions_from_local_remote(dvc_repo, tmp_path: Path) -> None:
     repo = dvc_repo["repo"]
     out1 = tmp_path / "v1"
-    m1 = Manifest.load(steps.ingest("data/tiles", out1, dvc_repo=str(repo), dvc_rev="v1"))
+    m1 = Manifest.load(ingest("data/tiles", out1, dvc_repo=str(repo), dvc_rev="v1"))
     info1 = _info(out1)
     assert info1["source_kind"] == "dvc" and info1["dvc_rev"] == "v1"
     assert info1["dvc_commit"] == dvc_repo["rev1"]
@@ -230,11 +239,11 @@ def test_ingest_dvc_revisions_from_local_remote(dvc_repo, tmp_path: Path) -> Non
     assert dvc_repo["rev1"] in info1["source"]
 
     out2 = tmp_path / "v2"
-    m2 = Manifest.load(steps.ingest("data/tiles", out2, dvc_repo=str(repo), dvc_rev=dvc_repo["rev2"]))
+    m2 = Manifest.load(ingest("data/tiles", out2, dvc_repo=str(repo), dvc_rev=dvc_repo["rev2"]))
     assert _info(out2)["counts"]["train_normal"] == N_TRAIN
     assert _info(out2)["dvc_commit"] == dvc_repo["rev2"]
     assert m1.fingerprint != m2.fingerprint
-    assert all(p.is_file() for p in steps.load_manifest(out2).image_paths())
+    assert all(p.is_file() for p in artifacts.load_manifest(out2).image_paths())
 
 
 def test_ingest_dvc_from_s3_remote_logs_to_mlflow(dvc_repo, mlflow_tracking, tmp_path: Path) -> None:
@@ -246,7 +255,7 @@ def test_ingest_dvc_from_s3_remote_logs_to_mlflow(dvc_repo, mlflow_tracking, tmp
         shutil.rmtree(cache)
     out = tmp_path / "v2"
     pipeline_run_id = "test-ingest-dvc-s3"
-    mpath = steps.ingest("data/tiles", out, dvc_repo=str(dvc_repo["repo"]), dvc_rev="main",
+    mpath = ingest("data/tiles", out, dvc_repo=str(dvc_repo["repo"]), dvc_rev="main",
                          dvc_remote="s3remote", pipeline_run_id=pipeline_run_id,
                          tracking_uri=mlflow_tracking.url, experiment="test-ingest")
     info = _info(out)
@@ -273,6 +282,6 @@ def test_ingest_dvc_from_s3_remote_logs_to_mlflow(dvc_repo, mlflow_tracking, tmp
 
 def test_ingest_dvc_unknown_revision_is_a_user_error(dvc_repo, tmp_path: Path) -> None:
     with pytest.raises(UserError):
-        steps.ingest("data/tiles", tmp_path / "x", dvc_repo=str(dvc_repo["repo"]), dvc_rev="no-such-tag")
+        ingest("data/tiles", tmp_path / "x", dvc_repo=str(dvc_repo["repo"]), dvc_rev="no-such-tag")
     with pytest.raises(UserError, match="not found"):
-        steps.ingest("data/nothing", tmp_path / "y", dvc_repo=str(dvc_repo["repo"]), dvc_rev="v1")
+        ingest("data/nothing", tmp_path / "y", dvc_repo=str(dvc_repo["repo"]), dvc_rev="v1")

@@ -13,16 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recontrast_core import registry, tracking
 from recontrast_core.errors import UserError
-from recontrast_core.registry import (
+from recontrast_core.mlops import registry, tracking
+from recontrast_core.mlops.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS_CHAMPION,
-    PromotionPolicy,
     promote_if_better,
     register_candidate,
 )
+from recontrast_core.promotion import PromotionPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -248,14 +248,17 @@ def test_parent_and_child_runs_by_tag(client, tmp_path):
                 for i in range(6)
             ],
         }
-        overlay = tmp_path / "overlay_grid.png"
+        from recontrast_core.plots import plot_roc_pr
+
+        plots = tmp_path / "plots"  # the evaluate step draws them once; tracking uploads them
+        plot_roc_pr([r["label"] for r in payload["per_image"]], [r["score"] for r in payload["per_image"]], plots)
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        plt.imsave(overlay, np.random.default_rng(0).random((16, 16)))
-        logged = tracking.log_evaluation(payload, child2, overlay_png=overlay)
+        plt.imsave(plots / "overlay_grid.png", np.random.default_rng(0).random((16, 16)))
+        logged = tracking.log_evaluation(payload, child2, plots_dir=plots)
         tracking.log_dataset_input(str(tmp_path), FP_A, child2, dvc_rev="abc123", context="evaluation")
     assert logged == {"image_auroc": 0.91, "pixel_auroc": 0.95}
     assert child2 != child1
@@ -308,7 +311,7 @@ def fake_bundle_module(monkeypatch):
 def test_pyfunc_model_roundtrip(client, tmp_path, fake_bundle_module):
     import mlflow
 
-    from recontrast_core.pyfunc_model import log_pyfunc
+    from recontrast_core.mlops.pyfunc_model import log_pyfunc
 
     name = _uid("m")
     pid = _uid("pr")
@@ -340,7 +343,7 @@ def test_pyfunc_model_roundtrip(client, tmp_path, fake_bundle_module):
 def test_cli_status_promote_rollback(client, tmp_path, mlflow_server):
     from typer.testing import CliRunner
 
-    from recontrast_core.cli_registry import registry_app
+    from recontrast_core.cli.registry import registry_app
 
     name = _uid("m")
     v1, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.9}, FP_A)

@@ -88,6 +88,7 @@ def test_bundle_round_trip_scores_and_threshold(tiny_tile, tmp_path):
 
     meta["preprocessing"].update(mean=list(IMAGENET_STATS.mean), std=list(IMAGENET_STATS.std))
     del meta["train_config"]["backbone"]["input_stats"]
+    meta["train_config"]["num_workers"] = 0  # a retired setting older bundles recorded
     (result.bundle_dir / "bundle.json").write_text(json.dumps(meta))
     old = load_detector(result.bundle_dir)
     assert old.model.encoder.stats == IMAGENET_STATS and old.model.frozen.stats == IMAGENET_STATS
@@ -113,3 +114,32 @@ def test_train_evaluate_predict_on_real_images(tiny_tile, tmp_path):
     from PIL import Image
 
     assert Image.open(pngs[0]).size == (128, 64)  # image | overlay side by side
+
+
+def test_background_checkpoint_write_equals_the_synchronous_one(tmp_path):
+    """The GPU path writes intermediate checkpoints from a thread on a host snapshot; on
+    CPU the same code must produce the same file content as a synchronous write."""
+    from recontrast_core.config import BackboneConfig
+    from recontrast_core.models import build_model
+
+    cfg = TrainConfig(backbone=BackboneConfig(weights="none"), image_size=32, batch_size=2, decoder_blocks=(1, 1, 1),
+                      bottleneck_blocks=1, device="cpu")
+    torch.manual_seed(0)
+    trainer = Trainer(build_model(cfg), cfg, torch.device("cpu"))
+    trainer.step(torch.randn(2, 3, 32, 32), 1.0)
+    history = [{"iteration": 1, "loss": 0.5, "alpha": 1.0}]
+    trainer.save(tmp_path / "bg.pt", 1, history, background=True)
+    history.append({"iteration": 2, "loss": 0.4, "alpha": 1.0})  # later appends do not leak in
+    trainer.step(torch.randn(2, 3, 32, 32), 1.0)  # training goes on while the file is written
+    trainer.wait()
+    bg = torch.load(tmp_path / "bg.pt", weights_only=True)
+    assert bg["iteration"] == 1 and bg["history"] == history[:1]
+    # the snapshot is the state at save time, not after the next step
+    fresh = Trainer(build_model(cfg), cfg, torch.device("cpu"))
+    fresh.model.load_state_dict(bg["model"])
+    assert not torch.equal(fresh.model.head1[0].weight, trainer.model.head1[0].weight)
+    bad = tmp_path / "missing_dir_is_a_file"
+    bad.write_text("x")
+    trainer.save(bad / "ckpt.pt", 2, history, background=True)
+    with pytest.raises(OSError):
+        trainer.wait()  # the writer's error surfaces in the training thread

@@ -14,6 +14,7 @@ from recontrast_core.adapt import ENCODER_FILE, META_FILE, Embedder, load_adapte
 from recontrast_core.adapt.embed import trainable_parameters
 from recontrast_core.config import AdaptConfig, BackboneConfig
 from recontrast_core.data.layouts import read_dataset
+from recontrast_core.errors import UserError
 from recontrast_core.models.backbones import create_encoder, load_encoder_state, read_state_dict
 
 NO_WEIGHTS = BackboneConfig(weights="none")  # random init: the unit tests need no weights file
@@ -83,7 +84,9 @@ def test_msc_reports_every_epoch_in_order(encoder_factory) -> None:
 
 def test_run_adapt_writes_a_loadable_encoder(tiny_mvtec: Path, tmp_path: Path) -> None:
     manifest = read_dataset(tiny_mvtec)
-    cfg = AdaptConfig(backbone=NO_WEIGHTS, image_size=32, epochs=1, batch_size=4, device="cpu", lr=0.01)
+    cfg = AdaptConfig(method="msc", backbone=NO_WEIGHTS, image_size=32, epochs=1, batch_size=4, device="cpu", lr=0.01)
+    with pytest.raises(UserError, match="needs a method"):
+        run_adapt(manifest, cfg.model_copy(update={"method": None}), tmp_path / "none", progress=False)
     path = run_adapt(manifest, cfg, tmp_path / "msc", progress=False)
     assert path == tmp_path / "msc" / ENCODER_FILE
     meta = json.loads((tmp_path / "msc" / META_FILE).read_text())
@@ -100,7 +103,7 @@ def test_run_adapt_writes_a_loadable_encoder(tiny_mvtec: Path, tmp_path: Path) -
 
 
 def _cli() -> typer.Typer:
-    from recontrast_core.cli_adapt import adapt_command
+    from recontrast_core.cli.adapt import adapt_command
 
     app = typer.Typer()
     app.command("adapt")(adapt_command)
@@ -124,14 +127,17 @@ def test_cli_rejects_unknown_method_and_too_many_shots(tiny_mvtec: Path, tmp_pat
 
 
 def test_cli_view_and_angular_flags_reach_the_config(tmp_path: Path) -> None:
-    from recontrast_core.cli_adapt import build_adapt_config
+    from recontrast_core.cli.common import settings_from
     from recontrast_core.errors import UserError
+    from recontrast_core.steps.settings import adapt_settings
 
-    cfg = build_adapt_config(None, {"angular_weight": 16.0, "hflip": False, "crop_scale": (0.6, 1.0)})
+    flags = {"adapt_method": "msc", "adapt.angular_weight": 16.0, "adapt.hflip": False, "adapt.crop_scale": [0.6, 1.0]}
+    cfg = adapt_settings(settings_from(None, flags))
     assert (cfg.angular_weight, cfg.hflip, cfg.crop_scale) == (16.0, False, (0.6, 1.0))
-    assert build_adapt_config(None, {"hflip": None, "crop_scale": None}).hflip is True  # unset flags keep defaults
+    unset = adapt_settings(settings_from(None, {"adapt_method": "msc", "adapt.hflip": None}))
+    assert unset.hflip is True  # unset flags keep defaults
     with pytest.raises(UserError, match="crop_scale"):
-        build_adapt_config(None, {"crop_scale": (1.5, 1.0)})
+        settings_from(None, {"adapt.crop_scale": [1.5, 1.0]})
 
 
 def test_cli_adapts_and_prints_json(tiny_mvtec: Path, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def test_sampler_is_deterministic_and_only_draws_normal_train_rows() -> None:
 
 
 def test_sampler_matches_pipeline_selection() -> None:
-    from recontrast_core.steps import select_shots
+    from recontrast_core.steps.artifacts import select_shots
 
     m = _manifest()
     want = {e.path for e in select_shots(m, 5).entries if e.split == "train"}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from recontrast_core.config import BaselineConfig
 from recontrast_core.baseline import (
-    BaselineSettings,
     PatchBaseline,
     greedy_coreset,
     nearest_distances,
@@ -55,14 +55,14 @@ def test_baseline_maps_scores_and_bank(tiny_tile):
     enc = create_encoder(BackboneConfig())
     train = load_resized(m.select(split="train", label=0), 64)
     test = load_resized(m.select(split="test"), 64, with_masks=True)
-    base = PatchBaseline(enc, BaselineSettings(fraction=0.5)).fit(train.images)
+    base = PatchBaseline(enc, BaselineConfig(fraction=0.5)).fit(train.images)
     # bank = half of (images x 8 x 8) stride-8 patches of 240 + 672 channels
     assert base.n_train_patches == train.images.shape[0] * 64
     assert tuple(base.bank.shape) == (base.n_train_patches // 2, 240 + 672)
     maps, scores = base.score(test.images)
     assert maps.shape == (len(test.labels), 64, 64) and np.allclose(scores, maps.reshape(len(scores), -1).max(1))
     # a training image scores ~0 where its own patches are in the bank (fraction 1)
-    full = PatchBaseline(enc, BaselineSettings(fraction=1.0, gaussian_sigma=0)).fit(train.images)
+    full = PatchBaseline(enc, BaselineConfig(fraction=1.0, gaussian_sigma=0)).fit(train.images)
     _, own = full.score(train.images[:2])
     assert own.max() < 1e-2
     with pytest.raises(RuntimeError):

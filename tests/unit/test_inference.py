@@ -39,3 +39,33 @@ def test_image_scores_max_and_topk():
     assert image_scores(maps, InferenceConfig(score="max")).tolist() == [5.0, 0.0]
     top = image_scores(maps, InferenceConfig(score="topk_mean", topk_fraction=0.02)).tolist()
     assert top == [4.0, 0.0]
+
+
+def test_threads_follow_the_cgroup_quota(tmp_path, monkeypatch):
+    import torch
+
+    from recontrast_core.runtime import configure_threads, cpu_quota, default_threads
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert cpu_quota(v2) == 1.5 and default_threads(v2) == 1
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("400000")
+    (v1 / "cpu.cfs_period_us").write_text("100000")
+    assert cpu_quota(tmp_path / "v1") == 4.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1")
+    assert cpu_quota(tmp_path / "v1") is None
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("RECONTRAST_NUM_THREADS", raising=False)
+        (v2 / "cpu.max").write_text("100000 100000\n")
+        assert configure_threads(v2) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # set explicitly: the user's choice wins
+        assert configure_threads(v2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

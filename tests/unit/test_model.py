@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recontrast_core.bundle import build_model
+from recontrast_core.models import build_model
 from recontrast_core.config import BackboneConfig, TrainConfig
 from recontrast_core.errors import UserError, WeightsUnavailableError
 from recontrast_core.models.backbones import create_encoder, map_lukemelas_lite_keys
@@ -109,7 +109,7 @@ def test_kaiming_fan_out_initialisation_of_decoder_side():
     from torch import nn
 
     from recontrast_core.config import BackboneConfig, TrainConfig
-    from recontrast_core.bundle import build_model
+    from recontrast_core.models import build_model
 
     torch.manual_seed(0)
     model = build_model(TrainConfig(backbone=BackboneConfig(weights="none"), decoder_blocks=(1, 1, 1), bottleneck_blocks=1))

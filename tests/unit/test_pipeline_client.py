@@ -189,7 +189,7 @@ def test_submit_compiles_the_pipeline_when_no_package_is_given(kfp_server) -> No
 def test_cli_submit_and_schedule(kfp_server, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from recontrast_core.cli_pipeline import pipeline_app
+    from recontrast_core.cli.pipeline import pipeline_app
     from recontrast_core.config import PipelineConfig
 
     host, stub = kfp_server()
@@ -199,16 +199,16 @@ def test_cli_submit_and_schedule(kfp_server, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["run_id"] == "run-1"
     params = json.loads(_only(stub, "POST", "/apis/v2beta1/runs")["body"])["runtime_config"]["parameters"]
-    assert params["source"] == "s3://bucket/tiles" and params["iterations"] == 5
-    assert params["image_size"] == PipelineConfig().train.image_size  # embedded defaults
-    assert params["copy_local"] is False
+    assert params["source"] == "s3://bucket/tiles" and params["settings"]["train"]["iterations"] == 5
+    assert params["settings"]["train"]["image_size"] == PipelineConfig().train.image_size  # embedded defaults
+    assert params["settings"]["data"]["copy_local"] is False
 
     res = runner.invoke(pipeline_app, ["schedule", "--host", host, "--cron", "*/30 * * * *",
                                        "--source", "/mnt/datasets/tiles", "--package", str(GOLDEN), "--json"])
     assert res.exit_code == 0, res.output
     rr = json.loads(_only(stub, "POST", "/apis/v2beta1/recurringruns")["body"])
     assert rr["trigger"]["cron_schedule"]["cron"] == "0 */30 * * * *"
-    assert rr["runtime_config"]["parameters"]["copy_local"] is True  # a folder travels in the artifact
+    assert rr["runtime_config"]["parameters"]["settings"]["data"]["copy_local"] is True  # a folder travels in the artifact
 
     out = tmp_path / "p.yaml"
     res = runner.invoke(pipeline_app, ["compile", "-o", str(out), "--json"])

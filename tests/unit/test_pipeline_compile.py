@@ -175,7 +175,8 @@ def test_local_runs_drop_the_cluster_retries() -> None:
     """KFP's local runner honours retry policies; ``run_local`` runs a copy of the spec
     without them (a bad dataset would otherwise be re-validated for minutes) and leaves
     the pipeline's own spec, the one ``compile`` writes, as it was."""
-    from pipelines.training_pipeline import _without_retries, training_pipeline
+    from pipelines.local_runner import _without_retries
+    from pipelines.training_pipeline import training_pipeline
 
     def retries(spec) -> list[int]:
         dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]

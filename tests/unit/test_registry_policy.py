@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from recontrast_core.registry import Decision, PromotionPolicy, decide_promotion
+from recontrast_core.promotion import Decision, PromotionPolicy, decide_promotion
 
 POLICY = PromotionPolicy(floors={"image_auroc": 0.7}, primary_metric="image_auroc", margin=0.005)
 
@@ -72,3 +72,27 @@ def test_other_primary_metric_and_margin():
     policy = PromotionPolicy(floors={}, primary_metric="aupro", margin=0.02)
     assert not decide_promotion({"aupro": 0.81}, {"aupro": 0.80}, policy).promote
     assert decide_promotion({"aupro": 0.83}, {"aupro": 0.80}, policy).promote
+
+
+def test_baseline_floor_blocks_a_candidate_below_the_training_free_baseline():
+    policy = PromotionPolicy(floors={"image_auroc": 0.5})  # baseline_floor on by default, tolerance 0.02
+    below = {"image_auroc": 0.77, "baseline_image_auroc": 0.86}
+    d = decide_promotion(below, None, policy)
+    assert not d.promote and "below the training-free baseline" in d.reason and "0.8600" in d.reason
+    within = {"image_auroc": 0.845, "baseline_image_auroc": 0.86}  # within the tolerance
+    assert decide_promotion(within, None, policy).promote
+    assert decide_promotion(below, None, policy.model_copy(update={"baseline_floor": False})).promote
+    assert decide_promotion(below, None, policy.model_copy(update={"baseline_tolerance": 0.1})).promote
+    # no baseline measured (an older metrics.json): nothing to compare, the floor does not apply
+    assert decide_promotion({"image_auroc": 0.77}, None, policy).promote
+    # the rule follows the primary metric
+    pix = policy.model_copy(update={"primary_metric": "pixel_auroc", "floors": {}})
+    assert not decide_promotion({"pixel_auroc": 0.80, "baseline_pixel_auroc": 0.90, "image_auroc": 0.99}, None, pix).promote
+
+
+def test_registry_config_is_the_policy_plus_a_model_name():
+    from recontrast_core.config import RegistryConfig
+
+    cfg = RegistryConfig(model_name="m", margin=0.01)
+    assert cfg.policy() == PromotionPolicy(margin=0.01)  # the same defaults, one place
+    assert "model_name" not in cfg.to_dict()

@@ -3,14 +3,8 @@
 from pydantic import BaseModel
 
 from recontrast_core.config import TrainConfig
-from recontrast_core.tracking import (
-    REDACTED,
-    embedded_tracking_uri,
-    flatten_params,
-    is_secret_key,
-    redact_params,
-    resolve_tracking_uri,
-)
+from recontrast_core.mlops.redaction import REDACTED, flatten_params, is_secret_key, redact_params
+from recontrast_core.mlops.tracking import embedded_tracking_uri, resolve_tracking_uri
 
 
 def test_secret_keys_are_redacted():

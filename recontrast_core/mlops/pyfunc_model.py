@@ -166,7 +166,7 @@ def model_signature():
 def default_pip_requirements() -> list[str]:
     import mlflow
 
-    from . import __version__
+    from .. import __version__
 
     return [f"mlflow=={mlflow.__version__}", f"recontrast=={__version__}"]
 
@@ -188,7 +188,7 @@ def log_pyfunc(
     row ``{"image": <32x32x3 uint8 grey image>}``. MLflow loads the model and predicts
     on the example at log time, so a broken bundle shows up as a warning then. ``registered_model_name`` also
     registers it (plain registration; the gated flow uses
-    :func:`recontrast_core.registry.register_candidate`). Returns MLflow's ``ModelInfo``.
+    :func:`recontrast_core.mlops.registry.register_candidate`). Returns MLflow's ``ModelInfo``.
     """
     import mlflow
     import pandas as pd

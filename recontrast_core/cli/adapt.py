@@ -1,4 +1,4 @@
-"""``recontrast adapt``: contrastive adaptation of the encoder (mounted by cli.py).
+"""``recontrast adapt``: contrastive adaptation of the encoder (the pipeline's adapt step).
 
 Writes ``OUT/encoder.safetensors`` + ``OUT/encoder.json`` (see :func:`recontrast_core.adapt.run_adapt`);
 ``recontrast train --init-encoder OUT/encoder.safetensors`` starts ReContrast from it.
@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from .cli_common import config_with_overrides, console, emit_json, summary_table, validate_with_warnings, user_errors
-from .errors import UserError
+from ..errors import UserError
+from .common import console, emit_json, params_option, set_option, settings_from, summary_table, user_errors, validate_with_warnings
 
 METHODS = ("msc", "coft")
-
-
-def build_adapt_config(config: Optional[Path], overrides: dict[str, Any]):
-    """AdaptConfig from an optional YAML file (its ``adapt:`` section) plus flag overrides."""
-    from .config import AdaptConfig
-
-    return config_with_overrides(AdaptConfig, config, "adapt", overrides)
 
 
 def adapt_command(
@@ -32,10 +25,10 @@ def adapt_command(
     method: str = typer.Option("msc", "--method", "-m", help="msc (many normal images) | coft (few-shot)"),
     shots: Optional[int] = typer.Option(None, "--shots", "-k", help="Few-shot: adapt on K normal training images (coft: default all)"),
     out: Path = typer.Option(Path("runs/adapt"), "--out", "-o", help="Output folder (encoder.safetensors, encoder.json)"),
-    config: Optional[Path] = typer.Option(None, help="YAML file with an 'adapt:' section (flags override it)"),
+    config: Optional[Path] = params_option(),
     epochs: Optional[int] = typer.Option(None, help="Epochs (MSC: passes over the images; COFT: coft.steps_per_epoch steps each)"),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (MSC: images, two views each; COFT: normal views + anomalies)"),
-    image_size: Optional[int] = typer.Option(None, help="Square input size; use the size you train ReContrast at"),
+    image_size: Optional[int] = typer.Option(None, help="Square input size (train.image_size: the size ReContrast trains at)"),
     lr: Optional[float] = typer.Option(None, help="MSC learning rate (paper: 1e-5); COFT's is coft.lr in --config"),
     angular_weight: Optional[float] = typer.Option(None, help="MSC angular center term weight (paper default 0 = off; measured for a few hundred images: 32 with --lr 3e-3 --epochs 12, docs/adaptation.md)"),
     crop_min: Optional[float] = typer.Option(None, help="Views: RandomResizedCrop lower scale (paper 0.2; 0.6 keeps small parts)"),
@@ -46,6 +39,7 @@ def adapt_command(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     seed: Optional[int] = typer.Option(None),
     layout: str = typer.Option("auto", help="auto | mvtec | manifest"),
+    set_: list[str] = set_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable summary on stdout"),
 ) -> None:
@@ -53,21 +47,27 @@ def adapt_command(
     with user_errors():
         if method not in METHODS:
             raise UserError(f"unknown adaptation method {method!r}; choose msc or coft")
-        cfg = build_adapt_config(config, {
-            "method": method, "shots": shots, "epochs": epochs, "batch_size": batch_size,
-            "image_size": image_size, "lr": lr, "device": device, "seed": seed,
-            "angular_weight": angular_weight, "hflip": hflip,
-            "crop_scale": None if crop_min is None else (crop_min, 1.0),
-            "backbone": {"name": backbone, "weights": weights, "feature_location": feature_location},
-        })
-        from .adapt import META_FILE, run_adapt, sample_shots
-        from .data.layouts import read_dataset
+        # The encoder settings are the training ones (train.*): the adapted encoder is the
+        # one ReContrast then trains, exactly as in the pipeline.
+        settings = settings_from(config, {
+            "adapt_method": method, "shots": shots, "adapt.epochs": epochs, "adapt.batch_size": batch_size,
+            "train.image_size": image_size, "adapt.lr": lr, "train.device": device, "adapt.seed": seed,
+            "adapt.angular_weight": angular_weight, "adapt.hflip": hflip,
+            "adapt.crop_scale": None if crop_min is None else [crop_min, 1.0],
+            "train.backbone.name": backbone, "train.backbone.weights": weights,
+            "train.backbone.feature_location": feature_location,
+        }, set_)
+        from ..adapt import META_FILE, sample_shots
+        from ..data.layouts import read_dataset
+        from ..steps import adapt as adapt_step
+        from ..steps.settings import adapt_settings
 
+        cfg = adapt_settings(settings)
         manifest = read_dataset(dataset, layout=layout)
         if cfg.shots is not None:  # fail fast, before validating every file: k too large
             sample_shots(manifest, cfg.shots, cfg.shots_seed)
         validate_with_warnings(manifest, progress)
-        path = run_adapt(manifest, cfg, out, progress=progress)
+        path = adapt_step(manifest, out, settings, progress=progress)
         meta = json.loads(path.with_name(META_FILE).read_text())
         summary = {
             "encoder": str(path),

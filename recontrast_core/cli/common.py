@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.table import Table
 
-from .errors import UserError
-from .progress import stderr_console as console  # human output on stderr; --json on stdout
+from ..errors import UserError
+from ..progress import stderr_console as console  # human output on stderr; --json on stdout
 
 EXIT_USER_ERROR = 2
 
@@ -44,41 +45,40 @@ def summary_table(title: str, rows: dict[str, Any]) -> Table:
     return table
 
 
-def config_with_overrides(model, config_path, section: str, overrides: dict):
-    """A config model from an optional YAML file's ``section`` plus non-None flag overrides.
+def settings_from(params: Optional[Path], flags: dict[str, Any], sets: Optional[list[str]] = None):
+    """The command's settings: ``params`` (a params.yaml / PipelineConfig file, or the
+    defaults), then the common flags given (dotted keys; None = not given), then ``--set
+    KEY=VALUE`` items: one :class:`~recontrast_core.config.PipelineConfig` through the one
+    override function."""
+    from ..steps.settings import apply_overrides, load_settings
 
-    ``overrides["backbone"]`` (a dict) is merged into the nested backbone settings.
-    Invalid values become a one-line UserError naming the field.
-    """
-    from pydantic import ValidationError
-
-    from .config import load_yaml_config
-
-    cfg = load_yaml_config(config_path, model, section=section) if config_path else model()
-    data = cfg.model_dump()
-    backbone = {k: v for k, v in (overrides.pop("backbone", None) or {}).items() if v is not None}
-    if backbone:
-        data["backbone"].update(backbone)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    cfg = load_settings(params, {k: v for k, v in flags.items() if v is not None})
+    return apply_overrides(cfg, sets or []) if sets else cfg
 
 
 def read_validated_dataset(dataset, layout: str = "auto", progress: bool = True, **layout_options):
-    """Read a dataset and validate every file before any work; warnings go to the console."""
-    from .data.layouts import read_dataset
+    """Read a dataset folder (any layout) and validate every file before any work; warnings
+    go to the console. (Steps read ingest outputs with ``steps.artifacts.load_manifest``.)"""
+    from ..data.layouts import read_dataset
 
     return validate_with_warnings(read_dataset(dataset, layout=layout, **layout_options), progress)
 
 
 def validate_with_warnings(manifest, progress: bool = True):
     """Validate every file of ``manifest`` (raises naming the file); print the warnings."""
-    from .data.validate import validate_manifest
+    from ..data.validate import validate_manifest
 
     report = validate_manifest(manifest, progress=progress)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     return manifest
+
+
+def set_option():
+    return typer.Option([], "--set", metavar="KEY=VALUE",
+                        help="Override any setting by its dotted key (train.lr_decoder=1e-3); repeatable")
+
+
+def params_option():
+    return typer.Option(None, "--config", "--params",
+                        help="Settings file: a params.yaml (serialised PipelineConfig); flags and --set override it")

@@ -33,14 +33,14 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from .redaction import flatten_params, param_str, redact_params, redact_tags, redact_value, secret_env_values
 
 DEFAULT_EXPERIMENT = "recontrast"
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
-REDACTED = "***"
 
 TAG_PIPELINE_RUN_ID = "pipeline_run_id"
 TAG_STEP = "step"
@@ -48,18 +48,6 @@ TAG_ROLE = "recontrast.role"  # "pipeline" on parents, "step" on children
 TAG_GIT_COMMIT = "git_commit"
 TAG_DVC_REV = "dvc_rev"
 TAG_FINGERPRINT = "dataset_fingerprint"
-
-# A key names a secret when one of its words (split on . _ - / and camelCase) is one of
-# these, or it contains secret/password/token anywhere (aws_secret_access_key, apiToken).
-_SECRET_WORDS = {"secret", "password", "passwd", "pwd", "token", "key", "apikey", "accesskey",
-                 "credential", "credentials", "auth", "authorization", "passphrase"}
-_SECRET_SUBSTRINGS = ("secret", "password", "passwd", "token", "credential")
-# Environment variables whose values are never logged, whatever key they appear under:
-# AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID, AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD,
-# MLFLOW_TRACKING_TOKEN, any *_SECRET* / *_TOKEN / *_KEY / *PASSWORD* / *CREDENTIAL*.
-_SECRET_ENV_RE = re.compile(r".*(SECRET|PASSWORD|PASSWD|TOKEN|_KEY$|_KEY_ID$|CREDENTIAL)")
-_MIN_SECRET_LEN = 6  # shorter values ("true", "1") would redact ordinary text
-_MAX_PARAM_VALUE = 6000  # MLflow's limit on one param value
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,10 +65,6 @@ def embedded_tracking_uri(workdir: Optional[os.PathLike] = None) -> str:
     return f"sqlite:///{root / EMBEDDED_DB}"
 
 
-def embedded_artifact_location(workdir: Optional[os.PathLike] = None) -> str:
-    root = Path(workdir or os.getcwd()).resolve()
-    return (root / EMBEDDED_ARTIFACTS).as_uri()
-
 
 def resolve_tracking_uri(
     tracking_uri: Optional[str] = None, workdir: Optional[os.PathLike] = None
@@ -88,9 +72,6 @@ def resolve_tracking_uri(
     """The explicit argument, else ``MLFLOW_TRACKING_URI``, else the embedded SQLite file."""
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(workdir)
 
-
-def is_embedded(tracking_uri: str, workdir: Optional[os.PathLike] = None) -> bool:
-    return tracking_uri == embedded_tracking_uri(workdir)
 
 
 def _sqlite_artifact_location(uri: str) -> Optional[str]:
@@ -140,101 +121,6 @@ def get_client(tracking_uri: Optional[str] = None, workdir: Optional[os.PathLike
     mlflow = _mlflow()
     uri = resolve_tracking_uri(tracking_uri, workdir)
     return mlflow.MlflowClient(uri, registry_uri=uri)
-
-
-# ---------------------------------------------------------------------------------------
-# params: flatten + redact
-# ---------------------------------------------------------------------------------------
-def flatten_params(obj: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """Flatten a pydantic model / dataclass / mapping into ``{"a.b.c": value}``.
-
-    Lists and tuples of scalars stay one value (``"[1, 2, 3]"`` when logged).
-    """
-    if hasattr(obj, "model_dump") and callable(obj.model_dump):
-        obj = obj.model_dump(mode="json")
-    elif is_dataclass(obj) and not isinstance(obj, type):
-        obj = asdict(obj)
-    out: dict[str, Any] = {}
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            key = f"{prefix}{sep}{k}" if prefix else str(k)
-            if isinstance(v, Mapping) or hasattr(v, "model_dump") or (
-                is_dataclass(v) and not isinstance(v, type)
-            ):
-                out.update(flatten_params(v, key, sep))
-            else:
-                out[key] = v
-    elif prefix:
-        out[prefix] = obj
-    else:
-        raise TypeError(f"cannot flatten {type(obj).__name__} into params")
-    return out
-
-
-def is_secret_key(key: str) -> bool:
-    """True when the last component of a (flattened) key names a secret."""
-    leaf = re.split(r"[./]", str(key))[-1]
-    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", leaf).lower()
-    if any(s in words for s in _SECRET_SUBSTRINGS):
-        return True
-    return any(w in _SECRET_WORDS for w in re.split(r"[_\-\s]+", words))
-
-
-def secret_env_values(env: Optional[Mapping[str, str]] = None) -> set[str]:
-    """Values of credential environment variables (AWS keys, *_TOKEN, *PASSWORD*, ...)."""
-    env = os.environ if env is None else env
-    return {
-        value
-        for name, value in env.items()
-        if value and len(value) >= _MIN_SECRET_LEN and _SECRET_ENV_RE.match(name.upper())
-    }
-
-
-def redact_value(value: Any, secrets: Iterable[str]) -> Any:
-    if isinstance(value, str):
-        for s in secrets:
-            if s and s in value:
-                value = value.replace(s, REDACTED)
-    elif isinstance(value, (list, tuple)):
-        return type(value)(redact_value(v, secrets) for v in value)
-    elif value is not None and not isinstance(value, (bool, int, float)):
-        text = str(value)  # a Path, a URL object, ...: check its text form too
-        if any(s and s in text for s in secrets):
-            return redact_value(text, secrets)
-    return value
-
-
-def redact_params(
-    params: Mapping[str, Any], env: Optional[Mapping[str, str]] = None
-) -> dict[str, Any]:
-    """Drop every credential from a flat param dict before it reaches MLflow.
-
-    * a key whose last component names a secret (``secret``, ``password``, ``token``,
-      ``*key``, ``credential``) keeps its name but gets the value ``***``;
-    * any value that contains the value of a credential environment variable
-      (``AWS_SECRET_ACCESS_KEY``, ``AWS_ACCESS_KEY_ID``, ``AWS_SESSION_TOKEN``, any
-      ``*_TOKEN`` / ``*_PASSWORD`` / ``*_SECRET`` / ``*_KEY``) has it replaced by ``***``.
-    """
-    secrets = sorted(secret_env_values(env), key=len, reverse=True)
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if is_secret_key(key):
-            out[key] = REDACTED
-        else:
-            out[key] = redact_value(value, secrets)
-    return out
-
-
-def _param_str(value: Any) -> str:
-    if isinstance(value, (dict, list, tuple)):
-        text = json.dumps(value, default=str)
-    else:
-        text = str(value)
-    return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
-
-
-def redact_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in redact_params({k: v for k, v in tags.items() if v is not None}).items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -426,7 +312,7 @@ def log_params(params: Any, run_id: Optional[str] = None, client=None) -> dict[s
     client = client or get_client()
     rid = _run_id(run_id)
     flat = flatten_params(params)
-    clean = {k: _param_str(v) for k, v in redact_params(flat).items()}
+    clean = {k: param_str(v) for k, v in redact_params(flat).items()}
     existing = client.get_run(rid).data.params
     todo = {}
     for key, value in clean.items():
@@ -516,59 +402,17 @@ def log_loss_curve(
     return len(history)
 
 
-def plot_roc_pr(
-    labels: Sequence[int], scores: Sequence[float], out_dir: os.PathLike, title: str = ""
-) -> list[Path]:
-    """Write ``roc.png`` and ``pr.png`` (matplotlib, Agg); returns the files written.
-
-    Nothing is written when only one class is present (the curves are undefined).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
-
-    y = np.asarray(labels, dtype=int)
-    s = np.asarray(scores, dtype=float)
-    if y.size == 0 or len(np.unique(y)) < 2:
-        return []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fpr, tpr, _ = roc_curve(y, s)
-    prec, rec, _ = precision_recall_curve(y, s)
-    files = []
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC = {auc(fpr, tpr):.4f}")
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC {title}".strip())
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    files.append(out / "roc.png")
-    fig.savefig(files[-1])
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-    ax.plot(rec, prec, lw=2, label=f"AP = {average_precision_score(y, s):.4f}")
-    ax.axhline(y.mean(), color="k", ls="--", lw=1)
-    ax.set(xlabel="recall", ylabel="precision", title=f"PR {title}".strip(), ylim=(0, 1.02))
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    files.append(out / "pr.png")
-    fig.savefig(files[-1])
-    plt.close(fig)
-    return files
-
 
 def log_evaluation(
     metrics_payload: Any,
     run_id: Optional[str] = None,
     *,
-    overlay_png: Optional[os.PathLike] = None,
+    plots_dir: Optional[os.PathLike] = None,
     artifact_path: str = "evaluation",
     client=None,
 ) -> dict[str, float]:
-    """Log an evaluation: scalar metrics, ``metrics.json``, ROC + PR plots, overlay grid.
+    """Log an evaluation: its scalar metrics, ``metrics.json``, and the plots the evaluate
+    step already drew (``plots_dir``: ROC, PR, overlay grid; they are not drawn again).
 
     ``metrics_payload`` is the metrics JSON payload (dict) or a path to ``metrics.json``
     (see docs/contracts.md). Returns the scalar metrics logged.
@@ -583,15 +427,10 @@ def log_evaluation(
     if payload.get("dataset_fingerprint"):
         client.set_tag(rid, "eval_dataset_fingerprint", str(payload["dataset_fingerprint"]))
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_p = Path(tmp)
-        (tmp_p / "metrics.json").write_text(json.dumps(payload, indent=1, default=str))
-        rows = payload.get("per_image") or []
-        labels = [int(r["label"]) for r in rows if "label" in r and "score" in r]
-        scores = [float(r["score"]) for r in rows if "label" in r and "score" in r]
-        plot_roc_pr(labels, scores, tmp_p / "plots")
+        (Path(tmp) / "metrics.json").write_text(json.dumps(payload, indent=1, default=str))
         client.log_artifacts(rid, tmp, artifact_path)
-    if overlay_png is not None and Path(overlay_png).is_file():
-        client.log_artifact(rid, str(overlay_png), f"{artifact_path}/plots")
+    if plots_dir is not None and Path(plots_dir).is_dir():
+        client.log_artifacts(rid, str(plots_dir), f"{artifact_path}/plots")
     return logged
 
 

@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from .cli_common import console, emit_json, summary_table, user_errors
-from .errors import UserError
+from ..errors import UserError
+from .common import console, emit_json, summary_table, user_errors
 
 registry_app = typer.Typer(
     name="registry",
@@ -31,7 +31,7 @@ AsJson = typer.Option(False, "--json", help="Machine-readable output on stdout."
 
 
 def _client(tracking_uri: Optional[str]):
-    from . import registry
+    from ..mlops import registry
 
     return registry.get_client(tracking_uri)
 
@@ -58,7 +58,7 @@ def status_cmd(
     """Aliases (champion, challenger, previous_champion) and every version's key metrics."""
     from rich.table import Table
 
-    from . import registry
+    from ..mlops import registry
 
     with user_errors():
         info = registry.status(model_name, client=_client(tracking_uri))
@@ -95,10 +95,10 @@ def promote_cmd(
         False, "--gate", help="Run the promotion gate (floors + margin) instead of forcing."
     ),
     floor: list[str] = typer.Option(
-        ["image_auroc=0.7"], "--floor", help="Absolute floor METRIC=VALUE (repeatable)."
+        [], "--floor", help="Absolute floor METRIC=VALUE (repeatable; default: the policy's, image_auroc=0.7)."
     ),
-    primary_metric: str = typer.Option("image_auroc", "--primary-metric"),
-    margin: float = typer.Option(0.005, "--margin", min=0.0),
+    primary_metric: Optional[str] = typer.Option(None, "--primary-metric", help="Default: the policy's (image_auroc)."),
+    margin: Optional[float] = typer.Option(None, "--margin", min=0.0, help="Default: the policy's (0.005)."),
     eval_manifest: Optional[Path] = typer.Option(
         None,
         "--eval-manifest",
@@ -110,7 +110,7 @@ def promote_cmd(
     as_json: bool = AsJson,
 ) -> None:
     """Make a version the champion: forced (with --reason) or through the gate (--gate)."""
-    from . import registry
+    from ..mlops import registry
 
     with user_errors():
         client = _client(tracking_uri)
@@ -122,14 +122,17 @@ def promote_cmd(
             version = str(mv.version)
         registry.get_version(client, model_name, version)
         if gate:
-            policy = registry.PromotionPolicy(
-                floors=_parse_floors(floor), primary_metric=primary_metric, margin=margin
-            )
-            fn = (
-                registry.make_champion_reevaluator(client, model_name, eval_manifest)
-                if eval_manifest is not None
-                else None
-            )
+            from ..promotion import PromotionPolicy
+
+            given = {"floors": _parse_floors(floor) if floor else None, "primary_metric": primary_metric,
+                     "margin": margin}
+            policy = PromotionPolicy(**{k: v for k, v in given.items() if v is not None})
+            fn = None
+            if eval_manifest is not None:
+                from ..steps.artifacts import load_manifest
+                from ..steps.register import champion_reevaluator
+
+                fn = champion_reevaluator(client, model_name, load_manifest(eval_manifest))
             decision = registry.promote_if_better(client, model_name, version, policy, fn)
         else:
             if not reason:
@@ -155,7 +158,7 @@ def rollback_cmd(
     as_json: bool = AsJson,
 ) -> None:
     """Put previous_champion back as champion."""
-    from . import registry
+    from ..mlops import registry
 
     with user_errors():
         result = registry.rollback(model_name, reason=reason, client=_client(tracking_uri))

@@ -7,16 +7,12 @@ Aliases of a registered model (default name ``recontrast``):
   (the gate), :func:`force_promote` (a person, with a reason) or :func:`rollback`;
 * ``previous_champion``: the champion before the last promotion, the rollback target.
 
-The gate (:func:`decide_promotion`, a pure function) promotes a candidate only if
-
-1. every absolute floor of the policy holds (``image_auroc >= 0.7``, ...), and
-2. there is no champion, or the candidate beats it on the primary metric by more than
-   ``margin`` **on the same evaluation data**: the champion's stored metrics count only
-   when its ``dataset_fingerprint`` tag equals the candidate's; otherwise the champion
-   is re-evaluated on the candidate's evaluation set first (``evaluate_champion_fn``),
-   and without that function it is not promoted;
-3. no secondary metric is worse than the champion's by more than
-   ``secondary_tolerance``.
+The rule itself lives in :mod:`recontrast_core.promotion` (pure); this adapter only
+reads and writes MLflow. Champion metrics count only when measured on the same evaluation
+data: its stored metrics when its ``dataset_fingerprint`` tag equals the candidate's,
+otherwise it is re-evaluated on the candidate's evaluation set first
+(``evaluate_champion_fn``, from the register step), and without that function the
+candidate is not promoted.
 
 Version tags written here: ``pipeline_run_id``, ``dataset_fingerprint``,
 ``metric.<name>`` (the candidate's evaluation), ``promotion_decision``
@@ -31,11 +27,11 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .errors import UserError
+from ..errors import UserError
+from ..promotion import KEY_METRICS, Decision, PromotionPolicy, decide_promotion, metric_value
 
 DEFAULT_MODEL_NAME = "recontrast"
 CHAMPION = "champion"
@@ -48,94 +44,6 @@ TAG_FINGERPRINT = "dataset_fingerprint"
 TAG_DECISION = "promotion_decision"
 TAG_REASON = "promotion_reason"
 TAG_COMPARED_WITH = "compared_with_version"
-
-KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
-
-
-# ---------------------------------------------------------------------------------------
-# the policy and the pure decision
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PromotionPolicy:
-    """When a candidate may replace the champion (all metrics: higher is better)."""
-
-    floors: Mapping[str, float] = field(default_factory=lambda: {"image_auroc": 0.7})
-    primary_metric: str = "image_auroc"
-    margin: float = 0.005
-    # Guard metrics: the candidate may not be worse than the champion on any of these
-    # by more than ``secondary_tolerance`` (e.g. ("pixel_auroc", "aupro")).
-    secondary_metrics: tuple[str, ...] = ()
-    secondary_tolerance: float = 0.01
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["floors"] = dict(self.floors)
-        d["secondary_metrics"] = list(self.secondary_metrics)
-        return d
-
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-
-
-def _num(metrics: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
-    if not metrics or key not in metrics or metrics[key] is None:
-        return None
-    try:
-        value = float(metrics[key])
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
-
-
-def decide_promotion(
-    candidate_metrics: Mapping[str, Any],
-    champion_metrics: Optional[Mapping[str, Any]],
-    policy: PromotionPolicy = PromotionPolicy(),
-) -> Decision:
-    """Promote or not, and why. Pure: no MLflow, no I/O.
-
-    ``champion_metrics`` is None when there is no champion; otherwise it must come from
-    the same evaluation data as ``candidate_metrics`` (the caller's job).
-    """
-    p = policy.primary_metric
-    cand = _num(candidate_metrics, p)
-    if cand is None:
-        return Decision(False, f"candidate has no {p}")
-    for key, floor in sorted(policy.floors.items()):
-        value = _num(candidate_metrics, key)
-        if value is None:
-            return Decision(False, f"candidate has no {key} (floor {floor:g})")
-        if value < floor:
-            return Decision(False, f"below floor: {key} {value:.4f} < {floor:g}")
-    if champion_metrics is None:
-        return Decision(True, f"no champion; floors pass ({p} {cand:.4f})")
-    champ = _num(champion_metrics, p)
-    if champ is None:
-        return Decision(False, f"champion has no {p} on this evaluation data; cannot compare")
-    delta = cand - champ
-    if delta <= policy.margin + 1e-9:  # exactly `margin` better is not better enough
-        verdict = "within margin of" if delta > -policy.margin else "worse than"
-        return Decision(
-            False,
-            f"{verdict} champion: {p} {cand:.4f} vs {champ:.4f} "
-            f"(delta {delta:+.4f}, margin {policy.margin:g})",
-        )
-    for key in policy.secondary_metrics:
-        c, ch = _num(candidate_metrics, key), _num(champion_metrics, key)
-        if c is None or ch is None:
-            continue
-        if c < ch - policy.secondary_tolerance:
-            return Decision(
-                False,
-                f"{p} better by {delta:+.4f} but {key} worse: {c:.4f} vs {ch:.4f} "
-                f"(tolerance {policy.secondary_tolerance:g})",
-            )
-    return Decision(
-        True, f"beats champion: {p} {cand:.4f} vs {champ:.4f} (delta {delta:+.4f} > {policy.margin:g})"
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,10 +113,14 @@ def version_metrics(client, mv) -> dict[str, float]:
             except ValueError:
                 pass
     if not out and mv.run_id:
+        from mlflow.exceptions import MlflowException
+
         try:
             out = dict(client.get_run(mv.run_id).data.metrics)
-        except Exception:
-            out = {}
+        except MlflowException as exc:
+            if not _is_not_found(exc):
+                raise  # a server error is not "no metrics"
+            out = {}  # the run was deleted: the version has no metrics to compare
     return out
 
 
@@ -247,14 +159,14 @@ def register_candidate(
         if TAG_DECISION not in (existing.tags or {}):
             client.set_registered_model_alias(model_name, CHALLENGER, existing.version)
         return str(existing.version)
-    from .tracking import redact_tags
+    from .redaction import redact_tags
 
     version_tags: dict[str, Any] = {
         TAG_PIPELINE_RUN_ID: pipeline_run_id,
         TAG_FINGERPRINT: fingerprint,
     }
     for key, value in metrics.items():
-        num = _num(metrics, key)
+        num = metric_value(metrics, key)
         if num is not None and not isinstance(value, bool):
             version_tags[METRIC_TAG_PREFIX + key] = repr(num)
     version_tags.update(tags or {})
@@ -269,7 +181,7 @@ def _create_version(client, model_name: str, source: str, run_id: str, tags: dic
 
     ``runs:/<run>/<name>`` resolves like ``mlflow.register_model``: to the MLflow 3
     LoggedModel called ``<name>`` on the run (``models:/<model_id>``, e.g. the pyfunc
-    from :func:`recontrast_core.pyfunc_model.log_pyfunc`), else to the run's artifact
+    from :func:`recontrast_core.mlops.pyfunc_model.log_pyfunc`), else to the run's artifact
     directory ``<name>`` (e.g. a bundle logged with ``tracking.log_bundle``).
     """
     model_id = None
@@ -367,13 +279,13 @@ def promote_if_better(
                 champion.version,
                 {
                     f"reeval.{str(cand_fp)[:16]}": json.dumps(
-                        {k: v for k, v in champ_metrics.items() if _num(champ_metrics, k) is not None}
+                        {k: v for k, v in champ_metrics.items() if metric_value(champ_metrics, k) is not None}
                     )
                 },
             )
         if champ_metrics is not None:
             p = policy.primary_metric
-            if _num(champ_metrics, p) is not None:
+            if metric_value(champ_metrics, p) is not None:
                 extra[f"champion_{p}"] = champ_metrics[p]
 
     decision = decide_promotion(cand_metrics, champ_metrics, policy)
@@ -500,7 +412,7 @@ def status(model_name: str = DEFAULT_MODEL_NAME, *, client=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# re-evaluating the champion on new data (used by the register step and the CLI gate)
+# a version's files
 # ---------------------------------------------------------------------------------------
 def download_bundle(client, model_name: str, mv, dst: os.PathLike) -> Path:
     """Download a version's files and return the directory holding ``bundle.json``."""
@@ -520,22 +432,3 @@ def download_bundle(client, model_name: str, mv, dst: os.PathLike) -> Path:
     if not hits:
         raise UserError(f"{model_name} v{mv.version}: no bundle.json in the registered model")
     return hits[0].parent
-
-
-def make_champion_reevaluator(
-    client, model_name: str, manifest_path: os.PathLike, device: str = "auto"
-) -> Callable[[Any], dict]:
-    """An ``evaluate_champion_fn`` that downloads the champion's bundle and evaluates it
-    on the manifest at ``manifest_path`` (the candidate's evaluation set)."""
-
-    def _evaluate(champion_mv) -> dict:
-        from .data.manifest import Manifest
-        from .evaluate import evaluate_bundle
-
-        manifest = Manifest.load(manifest_path)
-        with tempfile.TemporaryDirectory() as tmp:
-            bundle_dir = download_bundle(client, model_name, champion_mv, tmp)
-            payload = evaluate_bundle(bundle_dir, manifest, progress=False, device=device)
-        return dict(payload["metrics"])
-
-    return _evaluate

@@ -1,0 +1,217 @@
+"""The ``recontrast`` command: train | evaluate | predict | adapt | pipeline | registry | demo.
+
+Human output (progress bars, tables, errors) goes to stderr; ``--json`` prints one
+machine-readable document on stdout. Bad input exits with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (
+    console,
+    emit_json,
+    params_option,
+    read_validated_dataset,
+    set_option,
+    settings_from,
+    summary_table,
+    user_errors,
+)
+
+app = typer.Typer(
+    name="recontrast",
+    help="ReContrast visual anomaly detection: from normal images to a registered, calibrated detector.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DatasetArg = typer.Argument(..., help="MVTec-layout folder, a normal-images folder (with --layout folder), or a manifest.json")
+
+
+def read_dataset_arg(dataset: Path, layout: str, abnormal_dir: Optional[Path], mask_dir: Optional[Path], progress: bool):
+    """Read and validate a dataset before any work; raises UserError naming the bad file."""
+    options = {"abnormal_dir": abnormal_dir, "mask_dir": mask_dir} if layout == "folder" else {}
+    return read_validated_dataset(dataset, layout, progress, **{k: v for k, v in options.items() if v is not None})
+
+
+@app.command()
+def train(
+    dataset: Path = DatasetArg,
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Output folder (checkpoints/, bundle/)"),
+    config: Optional[Path] = params_option(),
+    backbone: Optional[str] = typer.Option(None, help="tf_efficientnet_lite0 (offline default), -lite1, -lite2, wide_resnet50_2, resnet18, or any timm name"),
+    weights: Optional[str] = typer.Option(None, help="'imagenet', 'none', or a local/s3:// state_dict"),
+    feature_location: Optional[str] = typer.Option(None, help="auto | bottleneck | expansion"),
+    input_stats: Optional[str] = typer.Option(None, help="auto (the weights' own) | imagenet | unit ([-1, 1])"),
+    image_size: Optional[int] = typer.Option(None, help="Square input size, a multiple of 32 (paper: 256)"),
+    iterations: Optional[int] = typer.Option(None, help="Training iterations (paper: 2000)"),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (paper: 16)"),
+    encoder_bn: Optional[str] = typer.Option(None, help="train (default) | eval: encoder BatchNorm mode"),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    checkpoint_every: Optional[int] = typer.Option(None),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Flip/jitter augmentation (on by default with --shots)"),
+    shots: Optional[int] = typer.Option(None, "--shots", "-k", help="Few-shot ReContrast: train on K normal images (the adapt step's deterministic choice); all K train"),
+    init_encoder: Optional[str] = typer.Option(None, help="Adapted encoder weights (from `recontrast adapt`) for both encoder copies"),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.pt"),
+    layout: str = typer.Option("auto", help="auto | mvtec | folder | manifest"),
+    abnormal_dir: Optional[Path] = typer.Option(None, help="folder layout: anomalous test images"),
+    mask_dir: Optional[Path] = typer.Option(None, help="folder layout: masks for anomalous images"),
+    validation_fraction: Optional[float] = typer.Option(None, help="Share of normal train images held out to set the threshold"),
+    target_fpr: Optional[float] = typer.Option(None, help="False-positive rate the threshold aims at on held-out normals"),
+    set_: list[str] = set_option(),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a ReContrast detector on the normal training images of DATASET (the pipeline's
+    train step: same settings, same bundle)."""
+    with user_errors():
+        from ..runtime import read_json
+        from ..steps import train as train_step
+
+        settings = settings_from(config, {
+            "train.backbone.name": backbone, "train.backbone.weights": weights,
+            "train.backbone.feature_location": feature_location, "train.backbone.input_stats": input_stats,
+            "train.image_size": image_size, "train.iterations": iterations, "train.batch_size": batch_size,
+            "train.encoder_bn": encoder_bn, "train.seed": seed, "train.device": device,
+            "train.checkpoint_every": checkpoint_every, "train.augment": augment, "shots": shots,
+            "calibration.validation_fraction": validation_fraction, "calibration.target_fpr": target_fpr,
+        }, set_)
+        manifest = read_dataset_arg(dataset, layout, abnormal_dir, mask_dir, progress)
+        bundle = train_step(manifest, out, settings, init_encoder=init_encoder, resume=resume, progress=progress)
+        info = (read_json(bundle / "bundle.json") or {}).get("training", {})
+        summary = {
+            "bundle": str(bundle),
+            "iterations": info.get("iterations"),
+            "final_loss": info.get("final_loss"),
+            "wall_time_s": info.get("wall_time_s"),
+            "train_images_per_s": info.get("images_per_s"),
+            "train_images": info.get("n_train_images"),
+        }
+        console.print(summary_table("training", summary))
+        if json_out:
+            emit_json({**summary, "history": info.get("history", [])})
+
+
+@app.command()
+def evaluate(
+    bundle: Path = typer.Argument(..., help="Model bundle folder (from `recontrast train`)"),
+    dataset: Path = DatasetArg,
+    out: Path = typer.Option(Path("runs/evaluate"), "--out", "-o", help="metrics.json, scores.csv and plots/ go here"),
+    config: Optional[Path] = params_option(),
+    layout: str = typer.Option("auto"),
+    abnormal_dir: Optional[Path] = typer.Option(None),
+    mask_dir: Optional[Path] = typer.Option(None),
+    device: str = typer.Option("auto"),
+    baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
+                                            help="Score the training-free baseline beside the model (default on)"),
+    set_: list[str] = set_option(),
+    json_out: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Image AUROC, pixel AUROC, AUPRO (and the paper's per-image AUPRO), F1-max on the test
+    split, beside the training-free baseline (the pipeline's evaluate step)."""
+    with user_errors():
+        from ..runtime import read_json
+        from ..steps import evaluate as evaluate_step
+
+        settings = settings_from(config, {"baseline.enabled": baseline}, set_)
+        manifest = read_dataset_arg(dataset, layout, abnormal_dir, mask_dir, progress)
+        path = evaluate_step(bundle, manifest, out, settings, device=device, progress=progress)
+        payload = read_json(path)
+        metrics = payload["metrics"]
+        model_rows = {k: v for k, v in metrics.items() if not k.startswith("baseline_")}
+        console.print(summary_table(f"evaluation ({payload['n_images']} test images)", model_rows))
+        if "baseline" in payload:
+            console.print(comparison_table(metrics))
+        if json_out:
+            emit_json({k: v for k, v in payload.items() if k != "per_image"})
+
+
+def comparison_table(metrics: dict):
+    """Model against the training-free baseline, metric by metric."""
+    from rich.table import Table
+
+    table = Table(title="model vs training-free baseline (same test images)", header_style="bold")
+    for col in ("metric", "model", "baseline", "delta"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image", "image_f1_max"):
+        if key in metrics and f"baseline_{key}" in metrics:
+            m, b = metrics[key], metrics[f"baseline_{key}"]
+            colour = "green" if m >= b else "red"
+            table.add_row(key, f"{m:.4f}", f"{b:.4f}", f"[{colour}]{m - b:+.4f}[/]")
+    return table
+
+
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="Model bundle folder"),
+    paths: list[Path] = typer.Argument(..., help="Image files or folders"),
+    out: Optional[Path] = typer.Option(Path("runs/predict"), "--out", "-o", help="results.csv and overlays/ go here"),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays"),
+    device: str = typer.Option("auto"),
+    json_out: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Score new images: score, normalised score (0.5 = threshold) and decision per image."""
+    with user_errors():
+        from ..predict import predict_paths
+
+        rows = predict_paths(bundle, paths, out, overlays=overlays, device=device, progress=progress)
+        flagged = sum(r["decision"] for r in rows)
+        console.print(summary_table("prediction", {"images": len(rows), "anomalous": flagged, "results": str(Path(out) / "results.csv")}))
+        if json_out:
+            emit_json(rows)
+
+
+def _unavailable(name: str, exc: ImportError):
+    """A placeholder that says why the command cannot run, instead of vanishing."""
+    reason = f"{type(exc).__name__}: {exc}"
+
+    def command() -> None:
+        console.print(f"[bold red]error:[/] `recontrast {name}` needs the pipeline extra "
+                      f"(pip install 'recontrast[pipeline]'): {reason}")
+        raise typer.Exit(2)
+
+    return command
+
+
+def _mount() -> None:
+    """Sub-commands in their own modules; one whose dependencies are missing stays listed
+    and explains itself (exit 2) rather than disappearing."""
+    from .adapt import adapt_command
+
+    app.command("adapt", help="Contrastive domain adaptation of the encoder: MSC or COFT-AD few-shot.")(adapt_command)
+    for module, attr, name in (("pipeline", "pipeline_app", "pipeline"), ("registry", "registry_app", "registry")):
+        try:
+            sub = getattr(importlib.import_module(f"recontrast_core.cli.{module}"), attr)
+        except ImportError as exc:
+            app.command(name, help=f"(unavailable: install recontrast[pipeline]; {exc})")(_unavailable(name, exc))
+            continue
+        app.add_typer(sub, name=name)
+    try:
+        from .demo import demo_command
+    except ImportError as exc:
+        app.command("demo", help=f"(unavailable: install recontrast[pipeline]; {exc})")(_unavailable("demo", exc))
+    else:
+        app.command("demo", help="Run the whole pipeline locally on real data with embedded defaults.")(demo_command)
+
+
+_mount()
+
+
+def main() -> None:
+    from ..runtime import configure_threads
+
+    configure_threads()  # the CPU quota (a pod's limit), unless OMP_NUM_THREADS says otherwise
+    app()
+
+
+if __name__ == "__main__":
+    main()

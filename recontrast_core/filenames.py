@@ -1,0 +1,14 @@
+"""The names of the files the core writes: one place, imported by the core modules that
+write them and by ``steps.artifacts`` (the artifact contract), without pulling in models."""
+
+# model bundle (recontrast_core.bundle)
+BUNDLE_WEIGHTS_FILE = "model.safetensors"
+BUNDLE_META_FILE = "bundle.json"
+# adapted encoder (recontrast_core.adapt)
+ENCODER_FILE = "encoder.safetensors"
+ENCODER_META_FILE = "encoder.json"
+# evaluation (recontrast_core.evaluate)
+METRICS_FILE = "metrics.json"
+SCORES_FILE = "scores.csv"
+# prediction (recontrast_core.predict)
+RESULTS_FILE = "results.csv"

@@ -1,0 +1,121 @@
+"""The promotion rule: when a candidate may replace the champion. Pure: no MLflow, no I/O.
+
+:class:`PromotionPolicy` holds the only defaults of the rule (``RegistryConfig`` in the
+pipeline settings extends it with the model name). :func:`decide_promotion` promotes a
+candidate only if
+
+1. every absolute floor holds (``image_auroc >= 0.7``, ...);
+2. the candidate is not below the training-free baseline measured on the same test data
+   (``baseline_<primary>`` in its metrics, written by evaluation) by more than
+   ``baseline_tolerance`` (``baseline_floor``, on by default);
+3. there is no champion, or the candidate beats it on the primary metric by more than
+   ``margin`` on the same evaluation data (the caller supplies champion metrics from the
+   same data: ``mlops.registry`` re-evaluates the champion when needed);
+4. no secondary metric is worse than the champion's by more than ``secondary_tolerance``.
+
+Only metrics both models have are compared; all metrics are higher-is-better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+BASELINE_PREFIX = "baseline_"  # evaluation writes the baseline's metrics as baseline_<name>
+
+
+class PromotionPolicy(BaseModel):
+    """When a candidate may replace the champion (all metrics: higher is better)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    floors: dict[str, float] = Field(default_factory=lambda: {"image_auroc": 0.7})
+    primary_metric: str = "image_auroc"
+    margin: float = Field(0.005, ge=0)
+    # The candidate may not be below the training-free baseline on the primary metric by
+    # more than this (evaluation reports the baseline beside every model).
+    baseline_floor: bool = True
+    baseline_tolerance: float = Field(0.02, ge=0)
+    # Guard metrics: not worse than the champion's by more than secondary_tolerance.
+    secondary_metrics: tuple[str, ...] = ()
+    secondary_tolerance: float = Field(0.01, ge=0)
+
+    def policy(self) -> "PromotionPolicy":
+        """Just the rule (a subclass adds fields such as the model name)."""
+        return PromotionPolicy.model_validate(self.model_dump(include=set(PromotionPolicy.model_fields)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.policy().model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def metric_value(metrics: Optional[Mapping[str, Any]], key: str) -> Optional[float]:
+    """``metrics[key]`` as a float, or None when absent, not a number or NaN."""
+    if not metrics or key not in metrics or metrics[key] is None or isinstance(metrics[key], bool):
+        return None
+    try:
+        value = float(metrics[key])
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def decide_promotion(
+    candidate_metrics: Mapping[str, Any],
+    champion_metrics: Optional[Mapping[str, Any]],
+    policy: PromotionPolicy = PromotionPolicy(),
+) -> Decision:
+    """Promote or not, and why.
+
+    ``champion_metrics`` is None when there is no champion; otherwise it must come from
+    the same evaluation data as ``candidate_metrics`` (the caller's job).
+    """
+    p = policy.primary_metric
+    cand = metric_value(candidate_metrics, p)
+    if cand is None:
+        return Decision(False, f"candidate has no {p}")
+    for key, floor in sorted(policy.floors.items()):
+        value = metric_value(candidate_metrics, key)
+        if value is None:
+            return Decision(False, f"candidate has no {key} (floor {floor:g})")
+        if value < floor:
+            return Decision(False, f"below floor: {key} {value:.4f} < {floor:g}")
+    base = metric_value(candidate_metrics, BASELINE_PREFIX + p)
+    if policy.baseline_floor and base is not None and cand < base - policy.baseline_tolerance - 1e-9:
+        return Decision(False, f"below the training-free baseline: {p} {cand:.4f} < baseline {base:.4f} "
+                               f"(tolerance {policy.baseline_tolerance:g})")
+    if champion_metrics is None:
+        return Decision(True, f"no champion; floors pass ({p} {cand:.4f})")
+    champ = metric_value(champion_metrics, p)
+    if champ is None:
+        return Decision(False, f"champion has no {p} on this evaluation data; cannot compare")
+    delta = cand - champ
+    if delta <= policy.margin + 1e-9:  # exactly `margin` better is not better enough
+        verdict = "within margin of" if delta > -policy.margin else "worse than"
+        return Decision(
+            False,
+            f"{verdict} champion: {p} {cand:.4f} vs {champ:.4f} "
+            f"(delta {delta:+.4f}, margin {policy.margin:g})",
+        )
+    for key in policy.secondary_metrics:
+        c, ch = metric_value(candidate_metrics, key), metric_value(champion_metrics, key)
+        if c is None or ch is None:
+            continue
+        if c < ch - policy.secondary_tolerance:
+            return Decision(
+                False,
+                f"{p} better by {delta:+.4f} but {key} worse: {c:.4f} vs {ch:.4f} "
+                f"(tolerance {policy.secondary_tolerance:g})",
+            )
+    return Decision(
+        True, f"beats champion: {p} {cand:.4f} vs {champ:.4f} (delta {delta:+.4f} > {policy.margin:g})"
+    )

@@ -1,0 +1,54 @@
+"""adapt: MSC or COFT-AD contrastive adaptation of the encoder before training (optional)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+from ..adapt import run_adapt
+from ..config import PipelineConfig
+from ..data.manifest import Manifest
+from ..mlops.storage import localize_weights
+from ..runtime import atomic_write_json
+from .artifacts import ADAPT_SKIPPED_FILE, ENCODER_FILE, ENCODER_META_FILE, PathLike, load_manifest, select_shots
+from .settings import adapt_settings
+from .tracked import log_artifacts, step_tracking
+
+
+def adapt(
+    manifest: Union[PathLike, Manifest],
+    out_dir: PathLike,
+    settings: PipelineConfig,
+    *,
+    pipeline_run_id: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """Adapt the encoder (``settings.adapt_method``: msc or coft) on the normal training
+    images (``settings.shots`` of them when set); returns ``encoder.safetensors`` (with
+    ``encoder.json`` beside it)."""
+    cfg = adapt_settings(settings)
+    weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
+    cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})
+    rows = select_shots(load_manifest(manifest), cfg.shots)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with step_tracking("adapt", pipeline_run_id, settings.tracking, params={"adapt": cfg}) as run_id:
+        t0 = time.perf_counter()
+        encoder = Path(run_adapt(rows, cfg, out, progress=progress))
+        if run_id is not None:
+            from ..mlops import tracking as mlflow_tracking
+
+            mlflow_tracking.log_metrics({"adapt/wall_time_s": time.perf_counter() - t0}, run_id)
+            log_artifacts(run_id, encoder.parent / ENCODER_META_FILE, "adapt", settings.tracking)
+    return encoder
+
+
+def skip_adapt(out_dir: PathLike, reason: str = "adapt_method=none") -> Path:
+    """Mark an adapt output as skipped (DVC stages are static; train then starts from
+    the backbone's own weights)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / ENCODER_FILE, out / ENCODER_META_FILE):
+        stale.unlink(missing_ok=True)
+    return atomic_write_json(out / ADAPT_SKIPPED_FILE, {"skipped": True, "reason": reason})

@@ -1,0 +1,65 @@
+"""evaluate: the bundle (and the training-free baseline beside it) on the test split ->
+``metrics.json``, ``metrics_summary.json``, ``scores.csv``, ``plots/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from ..bundle import load_detector
+from ..config import PipelineConfig
+from ..data.manifest import Manifest
+from ..errors import UserError
+from ..evaluate import evaluate_bundle
+from ..plots import overlay_grid, plot_roc_pr
+from ..runtime import atomic_write_json
+from .artifacts import METRICS_FILE, METRICS_SUMMARY_FILE, PLOTS_DIR, PathLike, find_bundle_dir, load_manifest
+from .tracked import log_artifacts, step_tracking
+
+
+def evaluate(
+    bundle_dir: PathLike,
+    manifest: Union[PathLike, Manifest],
+    out_dir: PathLike,
+    settings: PipelineConfig = PipelineConfig(),
+    *,
+    device: Optional[str] = None,
+    overlay_images: int = 8,
+    pipeline_run_id: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """Evaluate the bundle on the manifest's test split; returns ``metrics.json``.
+
+    Also writes ``metrics_summary.json`` (scalars only), ``scores.csv``, ``plots/roc.png``,
+    ``plots/pr.png`` and ``plots/overlay_grid.png`` (the ``overlay_images`` highest-scoring
+    anomalous and normal test images with their calibrated maps; 0 = none). ``device``
+    defaults to ``settings.train.device``; the baseline follows ``settings.baseline``.
+    """
+    bundle = find_bundle_dir(bundle_dir)
+    rows = load_manifest(manifest)
+    test = rows.select(split="test")
+    if len(test) == 0:
+        raise UserError(f"{rows.root}: no test images to evaluate on")
+    device = device or settings.train.device
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with step_tracking("evaluate", pipeline_run_id, settings.tracking,
+                       params={"device": device, "n_test_images": len(test), "baseline": settings.baseline}) as run_id:
+        detector = load_detector(bundle, device)
+        payload = evaluate_bundle(detector, rows, out_dir=out, progress=progress, device=device,
+                                  keep_maps=overlay_images > 0, baseline=settings.baseline)
+        maps, images = payload.pop("_maps", None), payload.pop("_images", None)
+        atomic_write_json(out / METRICS_SUMMARY_FILE, {
+            k: v for k, v in payload["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        })
+        per_image = payload["per_image"]
+        plot_roc_pr([r["label"] for r in per_image], [r["score"] for r in per_image], out / PLOTS_DIR)
+        if maps is not None and images is not None:
+            overlay_grid(per_image, images, maps, detector.calibration, out / PLOTS_DIR / "overlay_grid.png",
+                         n=overlay_images)
+        if run_id is not None:
+            from ..mlops import tracking as mlflow_tracking
+
+            mlflow_tracking.log_evaluation(payload, run_id, plots_dir=out / PLOTS_DIR)
+            log_artifacts(run_id, out / "scores.csv", "evaluation", settings.tracking)
+    return out / METRICS_FILE

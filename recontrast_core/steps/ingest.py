@@ -1,0 +1,131 @@
+"""ingest: fetch (local folder, s3:// prefix, DVC repository path), validate and hash a
+dataset into ``manifest.json`` + ``ingest.json``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ..config import PipelineConfig
+from ..data.layouts import read_dataset
+from ..data.validate import validate_manifest
+from ..mlops.storage import download_s3_prefix, fetch_dvc_path, redacted_uri
+from ..runtime import atomic_write_json
+from .artifacts import DATA_DIR, INGEST_FILE, MANIFEST_FILE, PathLike
+from .tracked import log_artifacts, step_tracking
+
+
+def _resolve_layout_options(options: Optional[Mapping[str, Any]], root: Path) -> dict:
+    """Folder-layout options (normal_dir, abnormal_dir, mask_dir) relative to the dataset."""
+    out = dict(options or {})
+    for key in ("normal_dir", "abnormal_dir", "mask_dir"):
+        if out.get(key) and not Path(out[key]).is_absolute():
+            out[key] = str(root / out[key])
+    return out
+
+
+def ingest(
+    out_dir: PathLike,
+    settings: PipelineConfig = PipelineConfig(),
+    *,
+    dvc_remote: Optional[str] = None,
+    pipeline_run_id: Optional[str] = None,
+    progress: bool = False,
+) -> Path:
+    """Fetch, validate and hash the dataset of ``settings.data``; write ``manifest.json`` +
+    ``ingest.json``.
+
+    ``data.source``: a local folder (or manifest.json); an ``s3://bucket/prefix``
+    (downloaded to ``out_dir/data``, endpoint from ``data.s3_endpoint_url`` or the
+    environment: :func:`recontrast_core.runtime.s3_endpoint`); or, with ``data.dvc_repo``,
+    a path inside that DVC-tracked git repository at ``data.dvc_rev`` (fetched to
+    ``out_dir/data`` through ``DVCFileSystem``). A dataset that fails validation raises
+    :class:`~recontrast_core.errors.DataValidationError` naming the file, and no manifest
+    is written. Returns the manifest path.
+    """
+    d, tracking = settings.data, settings.tracking
+    source, layout, dvc_repo, dvc_rev = d.source, d.layout, d.dvc_repo, d.dvc_rev
+    s3_endpoint_url, copy_local, check_decode, layout_options = d.s3_endpoint_url, d.copy_local, d.check_decode, d.layout_options
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = out / DATA_DIR
+    source = str(source)
+    commit: Optional[str] = None
+    fetch: dict[str, Any] = {}
+    if dvc_repo:
+        kind = "dvc"
+        commit = fetch_dvc_path(
+            dvc_repo, source, data_dir, rev=dvc_rev, remote=dvc_remote, s3_endpoint_url=s3_endpoint_url
+        )
+        local = data_dir
+        dataset_uri = f"dvc+{redacted_uri(str(dvc_repo))}#{source.strip('/')}@{commit or dvc_rev or 'HEAD'}"
+    elif source.startswith("s3://"):
+        kind = "s3"
+        fetch = download_s3_prefix(source, data_dir, endpoint_url=s3_endpoint_url)
+        local = data_dir
+        dataset_uri = source
+    else:
+        kind = "local"
+        src = Path(source).expanduser().resolve()
+        dataset_uri = str(src)
+        if copy_local and src.is_dir():
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+            shutil.copytree(src, data_dir)
+            local = data_dir
+        else:
+            local = src
+    materialised = local == data_dir
+
+    params = {
+        "source": dataset_uri,
+        "source_kind": kind,
+        "layout": layout,
+        "dvc_rev": dvc_rev,
+        "check_decode": check_decode,
+        **({"layout_options": dict(layout_options)} if layout_options else {}),
+    }
+    with step_tracking("ingest", pipeline_run_id, tracking, params=params,
+                        dvc_rev=commit or dvc_rev) as run_id:
+        manifest = read_dataset(local, layout=layout, **_resolve_layout_options(layout_options, local))
+        report = validate_manifest(manifest, check_decode=check_decode, progress=progress)
+        manifest = manifest.with_hashes()
+        mpath = manifest.save(out / MANIFEST_FILE)
+        counts = {
+            "n_images": len(manifest),
+            "train_normal": int(report.counts["train"]["0"]),
+            "train_anomalous": int(report.counts["train"]["1"]),
+            "test_normal": int(report.counts["test"]["0"]),
+            "test_anomalous": int(report.counts["test"]["1"]),
+            "masks": int(report.n_masks),
+        }
+        info = {
+            "source": dataset_uri,
+            "source_kind": kind,
+            "dvc_repo": redacted_uri(str(dvc_repo)) if dvc_repo else None,
+            "dvc_rev": dvc_rev,
+            "dvc_commit": commit,
+            "fingerprint": manifest.fingerprint,
+            "counts": counts,
+            "defect_counts": dict(report.defect_counts),
+            "warnings": list(report.warnings),
+            "data_dir": DATA_DIR if materialised else None,
+            "fetch": fetch,
+        }
+        atomic_write_json(out / INGEST_FILE, info)
+        if run_id is not None:
+            from ..mlops import tracking as mlflow_tracking
+
+            mlflow_tracking.start_pipeline_run(
+                pipeline_run_id, experiment=tracking.experiment, tracking_uri=tracking.tracking_uri or None,
+                dataset_fingerprint=manifest.fingerprint, dvc_rev=commit or dvc_rev,
+            )
+            mlflow_tracking.log_dataset_input(
+                dataset_uri, manifest.fingerprint, run_id,
+                dvc_rev=commit or dvc_rev, n_images=len(manifest),
+            )
+            mlflow_tracking.log_metrics({f"data/{k}": v for k, v in counts.items()}, run_id)
+            log_artifacts(run_id, out / INGEST_FILE, "ingest", tracking)
+    return mpath

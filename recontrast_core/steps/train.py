@@ -1,0 +1,55 @@
+"""train: ReContrast on the normal training images -> the model bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from ..config import PipelineConfig
+from ..data.manifest import Manifest
+from ..mlops.storage import localize_weights
+from ..train import train_model
+from .artifacts import PathLike, find_encoder, load_manifest, select_shots
+from .tracked import log_artifacts, step_tracking
+
+
+def train(
+    manifest: Union[PathLike, Manifest],
+    out_dir: PathLike,
+    settings: PipelineConfig,
+    *,
+    init_encoder: Optional[PathLike] = None,
+    resume: bool = False,
+    pipeline_run_id: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """Train on the manifest's normal training images (``settings.shots`` of them when set:
+    then every shot trains and the threshold comes from augmented views of the shots);
+    returns the bundle folder (``out_dir/bundle``; checkpoints in ``out_dir/checkpoints``).
+
+    ``init_encoder``: an adapted encoder (file or adapt output folder; a skipped adapt
+    output counts as none)."""
+    cfg = settings.train
+    weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
+    cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})
+    encoder = find_encoder(init_encoder)
+    rows = select_shots(load_manifest(manifest), settings.shots).select(split="train")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"train": cfg, "inference": settings.inference, "calibration": settings.calibration,
+              "shots": settings.shots or 0, "init_encoder": "adapted" if encoder else "backbone weights",
+              "n_train_images": len(rows)}
+    with step_tracking("train", pipeline_run_id, settings.tracking, params=params,
+                       dataset_fingerprint=rows.fingerprint) as run_id:
+        result = train_model(rows, cfg, out, init_encoder=str(encoder) if encoder else None, resume=resume,
+                             progress=progress, calibration=settings.calibration, inference=settings.inference,
+                             few_shot=bool(settings.shots))
+        if run_id is not None:
+            from ..mlops import tracking as mlflow_tracking
+
+            mlflow_tracking.log_loss_curve(result.history, run_id)
+            mlflow_tracking.log_metrics({"train/iterations": result.iterations,
+                                         "train/wall_time_s": result.wall_time_s,
+                                         "train/images_per_s": result.images_per_s}, run_id)
+            log_artifacts(run_id, Path(result.bundle_dir) / "bundle.json", "train", settings.tracking)
+    return Path(result.bundle_dir)
