@@ -19,7 +19,12 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recontrast_core.models import build_model
 from recontrast_core.config import BackboneConfig, InferenceConfig, TrainConfig
@@ -39,9 +44,13 @@ def _sync(device: torch.device) -> None:
 
 
 def bench(name: str, device: torch.device, args) -> dict:
-    cfg = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, device=str(device), amp=not args.fp32, **CONFIGS[name])
+    cfg = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, device=str(device), amp=not args.fp32,
+                      channels_last=not args.no_channels_last, decoder_blocks=tuple(args.decoder_blocks),
+                      bottleneck_blocks=args.bottleneck_blocks, **CONFIGS[name])
     trainer = Trainer(build_model(cfg), cfg, device)
-    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
@@ -56,7 +65,9 @@ def bench(name: str, device: torch.device, args) -> dict:
 
     model = trainer.model.eval()
     inf = InferenceConfig()
-    xe = torch.randn(args.eval_batch, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    xe = torch.randn(args.eval_batch, 3, cfg.image_size, cfg.image_size, device=device)
+    if cfg.channels_last:
+        xe = xe.contiguous(memory_format=torch.channels_last)
     amp = amp_dtype_for(device, cfg.amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -80,6 +91,10 @@ def bench(name: str, device: torch.device, args) -> dict:
         "batch": cfg.batch_size,
         "eval_batch": args.eval_batch,
         "image_size": cfg.image_size,
+        "decoder_blocks": list(cfg.decoder_blocks),
+        "bottleneck_blocks": cfg.bottleneck_blocks,
+        "channels_last": cfg.channels_last,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
 
 
@@ -94,9 +109,17 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--decoder-blocks", type=int, nargs=3, default=[3, 4, 6], help="paper: 3 4 6; CPU profile: 1 1 1")
+    p.add_argument("--bottleneck-blocks", type=int, default=3)
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: the CPU quota)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        from recontrast_core.runtime import configure_threads
+
+        torch.set_num_threads(args.threads) if args.threads else configure_threads()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     results = [bench(name, device, args) for name in args.configs.split(",")]

@@ -33,7 +33,7 @@ from .inference import normalize_images, predict_batch
 from .models import build_model
 from .models.backbones import InputStats
 from .models.recontrast import ReContrast
-from .runtime import amp_dtype_for, atomic_write, resolve_device
+from .runtime import amp_dtype_for, atomic_write, read_safetensors, resolve_device
 
 BUNDLE_FORMAT = "recontrast-bundle/1"
 # Settings older bundles recorded that no longer exist (they never changed the model).
@@ -93,7 +93,12 @@ def read_bundle_meta(bundle_dir: Path) -> dict:
     meta_path = bundle_dir / META_FILE
     if not meta_path.is_file() or not (bundle_dir / WEIGHTS_FILE).is_file():
         raise UserError(f"{bundle_dir}: not a model bundle (expected {META_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != BUNDLE_FORMAT:
         raise UserError(f"{meta_path}: unsupported bundle format {meta.get('format')!r}")
     return meta
@@ -196,15 +201,31 @@ def set_input_stats(model: ReContrast, meta: dict) -> None:
 
 
 def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detector:
-    from safetensors.torch import load_file
-
+    """Load a bundle; every problem with its files is a one-line :class:`UserError` naming
+    the file and the field (no traceback, nothing scored)."""
     bundle_dir = Path(bundle_dir)
     meta = read_bundle_meta(bundle_dir)
+    meta_path, weights_path = bundle_dir / META_FILE, bundle_dir / WEIGHTS_FILE
+    missing = [k for k in ("train_config", "inference", "calibration") if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise UserError(f"{meta_path}: missing or invalid {', '.join(missing)}")
     train_config = {k: v for k, v in meta["train_config"].items() if k not in RETIRED_TRAIN_KEYS}
-    cfg = TrainConfig.model_validate(train_config)
+    try:
+        cfg = TrainConfig.model_validate(train_config)
+        inference = InferenceConfig.model_validate(meta["inference"])
+    except ValueError as exc:
+        raise UserError(f"{meta_path}: invalid settings ({_first_error(exc)})") from None
+    try:
+        calibration = Calibration.from_dict(meta["calibration"])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{meta_path}: invalid calibration ({_first_error(exc)})") from None
     model = build_model(cfg, weights="none")
-    state = load_file(str(bundle_dir / WEIGHTS_FILE))
-    model.load_state_dict(state, strict=True)
+    state = read_safetensors(weights_path, "model weights")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{weights_path}: the weights do not fit the model in {META_FILE} "
+                        f"({_first_error(exc)})") from None
     set_input_stats(model, meta)
     dev = resolve_device(device)
     model.to(dev).eval()
@@ -212,11 +233,12 @@ def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detecto
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    return Detector(
-        model=model,
-        config=cfg,
-        inference=InferenceConfig.model_validate(meta["inference"]),
-        calibration=Calibration.from_dict(meta["calibration"]),
-        meta=meta,
-        device=dev,
-    )
+    return Detector(model=model, config=cfg, inference=inference, calibration=calibration, meta=meta, device=dev)
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        return f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -76,6 +76,17 @@ class TrainConfig(_Strict):
 
     _device_ok = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
 
+    @field_validator("image_size")
+    @classmethod
+    def _size_fits_the_strides(cls, v: int) -> int:
+        # Encoder taps at strides 4/8/16, the bottleneck halves once more: the decoder's
+        # upsampled maps only line up with the encoder's when the size divides by 32.
+        if v % 32:
+            lo, hi = max(32, v // 32 * 32), (v // 32 + 1) * 32
+            raise ValueError(f"image_size must be a multiple of 32 (the model's deepest stride), not {v}; "
+                             f"use {lo} or {hi}")
+        return v
+
 
 class InferenceConfig(_Strict):
     # Scoring precision: "auto" = bf16 autocast on CUDA when the model trained with amp,

@@ -8,6 +8,8 @@ every overlay, not "highest pixel of this image".
 from __future__ import annotations
 
 import csv
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -19,9 +21,11 @@ from .calibration import normalise
 from .data.images import is_image_filename
 from .errors import UserError
 from .plots import overlay
-from .runtime import atomic_write
+from .runtime import atomic_write, ensure_output_dir
 
 from .filenames import RESULTS_FILE  # noqa: E402
+
+OVERLAYS_DIR = "overlays"
 
 
 def expand_inputs(paths: Iterable[Union[str, Path]]) -> list[Path]:
@@ -49,38 +53,74 @@ def predict_paths(
     device: str = "auto",
     progress: bool = True,
 ) -> list[dict]:
-    """Score files/folders; with ``out_dir`` write ``results.csv`` and ``overlays/<name>.png``."""
+    """Score files/folders; with ``out_dir`` write ``results.csv`` and ``overlays/<name>.png``.
+
+    Every readable image is scored; an unreadable one gets a row with ``error`` (the reason)
+    and no score, and the run goes on (the caller decides the exit code: see
+    :func:`failed_rows`). Outputs appear together: overlays are written to a temporary
+    folder and moved into ``overlays/`` only after ``results.csv`` is written, so there are
+    never overlays without their table.
+    """
     from PIL import Image
 
+    from .errors import DataValidationError
     from .progress import track_steps
 
+    out = ensure_output_dir(out_dir) if out_dir is not None else None
     detector = bundle if isinstance(bundle, Detector) else load_detector(bundle, device)
     files = expand_inputs(paths)
     rows: list[dict] = []
-    if out_dir is not None and overlays:
-        (Path(out_dir) / "overlays").mkdir(parents=True, exist_ok=True)
-    step = detector.inference.batch_size
-    with track_steps("predict", len(files), enabled=progress) as bar:
-        for start in range(0, len(files), step):
-            chunk = files[start : start + step]
-            arrays = [to_model_input(f, detector.image_size) for f in chunk]
-            results = detector.predict_uint8(torch.from_numpy(np.stack(arrays)), return_map=overlays and out_dir is not None)
-            for i, (f, r) in enumerate(zip(chunk, results)):
-                row = {"path": str(f), "score": r["score"], "normalized_score": r["normalized_score"], "decision": r["decision"]}
-                if "anomaly_map" in r:
-                    png = Path(out_dir) / "overlays" / f"{start + i:05d}_{f.stem}.png"
-                    img = overlay(arrays[i], normalise(r["anomaly_map"], detector.calibration))
-                    atomic_write(png, lambda p, img=img: Image.fromarray(img).save(p, format="PNG"))
-                    row["overlay"] = str(png)
-                rows.append(row)
-            bar.advance(len(chunk))
-    if out_dir is not None:
-        write_results(rows, Path(out_dir) / RESULTS_FILE)
+    staging = None
+    if out is not None and overlays:
+        staging = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out))
+    try:
+        step = detector.inference.batch_size
+        with track_steps("predict", len(files), enabled=progress) as bar:
+            for start in range(0, len(files), step):
+                chunk = files[start : start + step]
+                arrays, readable = [], []
+                for i, f in enumerate(chunk):
+                    try:
+                        arrays.append(to_model_input(f, detector.image_size))
+                        readable.append(i)
+                    except DataValidationError as exc:
+                        rows.append({"path": str(f), "score": None, "normalized_score": None, "decision": None,
+                                     "error": exc.problem})
+                if arrays:
+                    results = detector.predict_uint8(torch.from_numpy(np.stack(arrays)), return_map=staging is not None)
+                    for arr, i, r in zip(arrays, readable, results):
+                        f = chunk[i]
+                        row = {"path": str(f), "score": r["score"], "normalized_score": r["normalized_score"],
+                               "decision": r["decision"], "error": ""}
+                        if "anomaly_map" in r:
+                            name = f"{start + i:05d}_{f.stem}.png"
+                            img = overlay(arr, normalise(r["anomaly_map"], detector.calibration))
+                            Image.fromarray(img).save(staging / name, format="PNG")
+                            row["overlay"] = str(out / OVERLAYS_DIR / name)
+                        rows.append(row)
+                bar.advance(len(chunk))
+        rows.sort(key=lambda r: files.index(Path(r["path"])))
+        if out is not None:
+            write_results(rows, out / RESULTS_FILE)
+            if staging is not None:
+                final = out / OVERLAYS_DIR
+                if final.exists():
+                    shutil.rmtree(final)
+                staging.rename(final)
+                staging = None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return rows
 
 
+def failed_rows(rows: list[dict]) -> list[dict]:
+    """The rows of images that could not be scored."""
+    return [r for r in rows if r.get("error")]
+
+
 def write_results(rows: list[dict], path: Path) -> Path:
-    fields = ["path", "score", "normalized_score", "decision", "overlay"]
+    fields = ["path", "score", "normalized_score", "decision", "error", "overlay"]
 
     def _write(p: Path) -> None:
         with open(p, "w", newline="") as f:

@@ -136,3 +136,63 @@ def configure_threads(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def ensure_output_dir(path, what: str = "output folder") -> Path:
+    """Create ``path`` if needed and prove it is a writable folder, before any work starts
+    (a run must not train for an hour and then fail at its first write)."""
+    from .errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: the {what} is an existing file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{path}: the {what} is not writable ({exc.strerror or exc})") from None
+    return path
+
+
+def load_torch_file(path: Path, what: str, map_location="cpu", error: Optional[type] = None):
+    """``torch.load(path, weights_only=True)`` with a one-line :class:`UserError` naming the
+    file on any failure (corrupt, truncated, or holding objects other than tensors: those
+    are refused, never loaded unsafely)."""
+    from .errors import UserError
+
+    error = error or UserError
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        text = str(exc).strip()
+        if "Unsupported global" in text:
+            reason = "it holds objects other than tensors; refused (only tensor files are loaded)"
+        elif "WeightsUnpickler error:" in text:  # torch's advice to load unsafely is dropped
+            detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:120]
+            reason = f"corrupt or truncated (not a tensor file: {detail})"
+        else:
+            first = (text.splitlines() or [type(exc).__name__])[0][:160]
+            reason = f"corrupt or truncated ({type(exc).__name__}: {first})"
+        raise error(f"{path}: cannot read the {what}: {reason}") from None
+
+
+def read_safetensors(path: Path, what: str, error: Optional[type] = None) -> dict:
+    """A safetensors file as a dict of tensors, or a one-line UserError naming the file."""
+    from .errors import UserError
+
+    error = error or UserError
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as exc:  # truncated, not a safetensors file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise error(f"{path}: cannot read the {what}: corrupt or truncated ({first})") from None

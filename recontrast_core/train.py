@@ -29,7 +29,7 @@ from .errors import UserError
 from .losses import alpha_at, recontrast_loss
 from .models.recontrast import ReContrast
 from .progress import track_steps
-from .runtime import amp_dtype_for, atomic_write, resolve_device, seed_everything
+from .runtime import amp_dtype_for, atomic_write, load_torch_file, resolve_device, seed_everything
 
 CHECKPOINT_NAME = "last.pt"
 FEW_SHOT_CALIBRATION_VIEWS = 8  # the shot itself + 7 augmented views
@@ -122,9 +122,11 @@ class Trainer:
         self.opt_encoder.step()
         return loss.detach()
 
-    def state(self, iteration: int, history: list[dict]) -> dict:
+    def state(self, iteration: int, history: list[dict], pending_losses=(), elapsed_s: float = 0.0) -> dict:
         return {
             "iteration": iteration,
+            "pending_losses": [float(x) for x in pending_losses],  # the open log window
+            "elapsed_s": float(elapsed_s),
             "model": self.model.state_dict(),
             "opt_decoder": self.opt_decoder.state_dict(),
             "opt_encoder": self.opt_encoder.state_dict(),
@@ -132,11 +134,12 @@ class Trainer:
             "config": self.cfg.model_dump_json(),
         }
 
-    def save(self, path: Path, iteration: int, history: list[dict], background: bool = False) -> Path:
+    def save(self, path: Path, iteration: int, history: list[dict], background: bool = False,
+             pending_losses=(), elapsed_s: float = 0.0) -> Path:
         """Write the checkpoint atomically. ``background``: snapshot every tensor to host
         memory now and write the file in a thread, so a GPU keeps training meanwhile (one
         write in flight; :meth:`wait` joins it and re-raises its error)."""
-        state = self.state(iteration, list(history))
+        state = self.state(iteration, list(history), pending_losses, elapsed_s)
         if not background:
             self.wait()
             return atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -162,20 +165,35 @@ class Trainer:
         if error is not None:
             raise error
 
-    def load(self, path: Path) -> tuple[int, list[dict]]:
+    def load(self, path: Path) -> tuple[int, list[dict], list[float], float]:
+        """Restore a checkpoint; returns (iteration, history, the loss values since the last
+        log point, training seconds so far), so a resumed run reports what an uninterrupted
+        one would."""
         if not path.is_file():
             raise UserError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        saved = json.loads(state["config"])
+        state = load_torch_file(path, "checkpoint", map_location=self.device)
+        missing = [k for k in ("iteration", "model", "opt_decoder", "opt_encoder", "history", "config")
+                   if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise UserError(f"{path}: not a recontrast checkpoint (missing {', '.join(missing)})")
+        try:
+            saved = json.loads(state["config"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: not a recontrast checkpoint (its config is not JSON)") from None
         now = self.cfg.model_dump(mode="json")
         diff = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
         if diff:
             raise UserError(f"{path}: checkpoint was written with different settings ({', '.join(diff)}); "
                             "use the same settings to resume or start a new output folder")
-        self.model.load_state_dict(state["model"])
-        self.opt_decoder.load_state_dict(state["opt_decoder"])
-        self.opt_encoder.load_state_dict(state["opt_encoder"])
-        return int(state["iteration"]), list(state["history"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt_decoder.load_state_dict(state["opt_decoder"])
+            self.opt_encoder.load_state_dict(state["opt_encoder"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"{path}: checkpoint does not fit this model ({first})") from None
+        return (int(state["iteration"]), list(state["history"]), [float(x) for x in state.get("pending_losses", [])],
+                float(state.get("elapsed_s", 0.0)))
 
 
 def train_model(
@@ -220,9 +238,9 @@ def train_model(
     model = build_model(cfg, weights="none" if resume else init_encoder)
     trainer = Trainer(model, cfg, device)
     ckpt = out_dir / "checkpoints" / CHECKPOINT_NAME
-    start, history = trainer.load(ckpt) if resume else (0, [])
+    start, history, pending, elapsed_before = trainer.load(ckpt) if resume else (0, [], [], 0.0)
 
-    losses: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = [torch.tensor(x, device=device) for x in pending]
     t0 = time.perf_counter()
     with track_steps("train", cfg.iterations, enabled=progress, completed=start) as bar:
         for it in range(start, cfg.iterations):
@@ -238,12 +256,14 @@ def train_model(
                 bar.advance(0, info=f"loss {mean_loss:.4f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                 # On a GPU, intermediate checkpoints are written by a thread (off the hot path).
-                trainer.save(ckpt, done, history, background=device.type == "cuda" and done < cfg.iterations)
+                trainer.save(ckpt, done, history, background=device.type == "cuda" and done < cfg.iterations,
+                             pending_losses=[x.item() for x in losses],
+                             elapsed_s=elapsed_before + time.perf_counter() - t0)
             bar.advance(1)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    trained = cfg.iterations - start
+    wall = elapsed_before + time.perf_counter() - t0  # training time over every segment of the run
+    trained = cfg.iterations
 
     detector = Detector(model=trainer.model.eval(), config=cfg, inference=inference, calibration=None, meta={}, device=device)
     calib = _calibrate(detector, val if len(val) else fit, calibration, cfg, progress, cache_dir,

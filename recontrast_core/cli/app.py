@@ -149,6 +149,9 @@ def comparison_table(metrics: dict):
     return table
 
 
+EXIT_SOME_FAILED = 3  # finished, but some images could not be read (listed in results.csv)
+
+
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="Model bundle folder"),
@@ -159,15 +162,22 @@ def predict(
     json_out: bool = typer.Option(False, "--json"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Score new images: score, normalised score (0.5 = threshold) and decision per image."""
+    """Score new images: score, normalised score (0.5 = threshold) and decision per image.
+    Unreadable images are listed in results.csv with the reason; then the exit code is 3."""
     with user_errors():
-        from ..predict import predict_paths
+        from ..predict import failed_rows, predict_paths
 
         rows = predict_paths(bundle, paths, out, overlays=overlays, device=device, progress=progress)
-        flagged = sum(r["decision"] for r in rows)
-        console.print(summary_table("prediction", {"images": len(rows), "anomalous": flagged, "results": str(Path(out) / "results.csv")}))
+        failed = failed_rows(rows)
+        flagged = sum(bool(r["decision"]) for r in rows)
+        console.print(summary_table("prediction", {"images": len(rows), "anomalous": flagged, "unreadable": len(failed),
+                                                   "results": str(Path(out) / "results.csv")}))
+        for r in failed:
+            console.print(f"[yellow]unreadable:[/] {r['path']}: {r['error']}", highlight=False, soft_wrap=True)
         if json_out:
             emit_json(rows)
+        if failed:
+            raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _unavailable(name: str, exc: ImportError):

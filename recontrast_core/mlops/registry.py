@@ -23,10 +23,15 @@ Version tags written here: ``pipeline_run_id``, ``dataset_fingerprint``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -132,6 +137,99 @@ def find_version_for_pipeline_run(client, model_name: str, pipeline_run_id: str)
 
 
 # ---------------------------------------------------------------------------------------
+# one writer at a time per model: a lock kept in the registry itself
+# ---------------------------------------------------------------------------------------
+LOCK_TAG = "recontrast.lock"
+LOCK_TTL_S = 120.0  # a holder that died frees the lock after this long
+LOCK_SETTLE_S = 0.3  # written, then read back after this long: the last writer wins
+LOCK_TIMEOUT_S = 300.0
+
+
+class RegistryBusy(UserError):
+    """Another writer held the model's lock for longer than the timeout."""
+
+
+def _read_lock(client, model_name: str) -> Optional[dict]:
+    raw = (client.get_registered_model(model_name).tags or {}).get(LOCK_TAG)
+    if not raw:
+        return None
+    try:
+        lock = json.loads(raw)
+        return lock if isinstance(lock, dict) and "owner" in lock and "expires" in lock else None
+    except ValueError:
+        return None  # garbage in the tag: treat as free (it is overwritten below)
+
+
+@contextlib.contextmanager
+def model_lock(client, model_name: str, *, ttl_s: float = LOCK_TTL_S, timeout_s: float = LOCK_TIMEOUT_S):
+    """Serialise registry writes (register, promote, roll back) for ``model_name``.
+
+    The MLflow server has no transactions, so the lock is a tag on the registered model
+    holding ``{"owner", "expires"}``: a writer waits while an unexpired lock of another
+    owner is there, writes its own, waits :data:`LOCK_SETTLE_S` and reads it back; only the
+    writer that reads its own owner back holds it (of concurrent writers the last one wins,
+    the others see it and wait). Released (deleted) on exit, only if still ours."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + timeout_s
+    rng = random.Random(owner)
+    while True:
+        held = _read_lock(client, model_name)
+        if held is None or held["owner"] == owner or float(held["expires"]) < time.time():
+            client.set_registered_model_tag(model_name, LOCK_TAG,
+                                            json.dumps({"owner": owner, "expires": time.time() + ttl_s}))
+            time.sleep(LOCK_SETTLE_S)
+            back = _read_lock(client, model_name)
+            if back is not None and back["owner"] == owner:
+                break
+        if time.monotonic() > deadline:
+            who = held["owner"] if held else "another writer"
+            raise RegistryBusy(f"{model_name}: the registry is being changed by {who}; gave up after "
+                               f"{timeout_s:.0f} s (its lock expires on its own after {ttl_s:.0f} s)")
+        time.sleep(0.1 + rng.random() * 0.4)
+    try:
+        yield owner
+    finally:
+        current = _read_lock(client, model_name)
+        if current is not None and current["owner"] == owner:
+            client.delete_registered_model_tag(model_name, LOCK_TAG)
+
+
+def check_invariants(client, model_name: str) -> list[str]:
+    """What a serial history guarantees, read back from the registry (empty = all hold):
+    the champion, challenger and previous champion are distinct versions; the previous
+    champion was replaced by the champion (``demoted_by``) or by a version later rolled
+    back; a forced champion is never the previous champion's successor skipped by a rollback."""
+    problems = []
+    aliases = {a: str(v) for a, v in (getattr(get_registered_model(client, model_name), "aliases", None) or {}).items()}
+    champion, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS_CHAMPION)
+    challenger = aliases.get(CHALLENGER)
+    if challenger is not None and challenger == champion:
+        problems.append(f"challenger and champion are the same version {champion}")
+    if previous is not None:
+        if champion is None:
+            problems.append(f"previous_champion v{previous} without a champion")
+        elif previous == champion:
+            problems.append(f"previous_champion is the champion v{champion}")
+        else:
+            demoted_by = (client.get_model_version(model_name, previous).tags or {}).get("demoted_by")
+            if demoted_by != champion:
+                problems.append(f"previous_champion v{previous} was replaced by v{demoted_by}, "
+                                f"not by the champion v{champion}")
+    if champion is not None:
+        tags = client.get_model_version(model_name, champion).tags or {}
+        if tags.get(TAG_DECISION) not in ("promoted", "forced", None) and "rolled_back_from" not in tags:
+            problems.append(f"champion v{champion} is tagged {tags.get(TAG_DECISION)!r}")
+    return problems
+
+
+def _verify(client, model_name: str, action: str) -> None:
+    problems = check_invariants(client, model_name)
+    if problems:
+        raise UserError(f"{model_name}: after {action} the registry breaks its invariants: "
+                        + "; ".join(problems) + " (run `recontrast registry status` and fix the aliases by hand)")
+
+
+# ---------------------------------------------------------------------------------------
 # register, promote, roll back
 # ---------------------------------------------------------------------------------------
 def register_candidate(
@@ -154,6 +252,13 @@ def register_candidate(
     """
     client = client or get_client()
     _ensure_registered_model(client, model_name)
+    with model_lock(client, model_name):
+        return _register_locked(client, run_id, model_name, pipeline_run_id, metrics, fingerprint,
+                                model_uri, artifact_path, tags)
+
+
+def _register_locked(client, run_id, model_name, pipeline_run_id, metrics, fingerprint, model_uri, artifact_path,
+                     tags) -> str:
     existing = find_version_for_pipeline_run(client, model_name, pipeline_run_id)
     if existing is not None:
         if TAG_DECISION not in (existing.tags or {}):
@@ -242,15 +347,39 @@ def promote_if_better(
 
     ``evaluate_champion_fn(champion_model_version) -> metrics`` re-evaluates the current
     champion on the candidate's evaluation set; it is called only when the champion's
-    ``dataset_fingerprint`` differs from the candidate's. The decision and the reason are
-    written to the candidate's tags either way.
+    ``dataset_fingerprint`` differs from the candidate's (outside the model's lock: it can
+    take minutes; if the champion changed meanwhile, the gate runs again). The decision and
+    the reason are written to the candidate's tags either way, under the lock.
     """
     client = client or get_client()
     version = str(version)
+    reevaluated: dict[str, dict] = {}
+    for _ in range(5):
+        with model_lock(client, model_name):
+            champion = alias_version(client, model_name, CHAMPION)
+            needs = _needs_reevaluation(client, model_name, version, champion, evaluate_champion_fn)
+            if needs is None or needs in reevaluated:
+                decision = _gate_locked(client, model_name, version, champion, policy, reevaluated.get(needs or ""))
+                _verify(client, model_name, f"the gate for v{version}")
+                return decision
+        reevaluated[needs] = dict(evaluate_champion_fn(champion))  # type: ignore[misc]
+    raise UserError(f"{model_name}: the champion kept changing while v{version} was being gated; try again")
+
+
+def _needs_reevaluation(client, model_name, version, champion, evaluate_champion_fn) -> Optional[str]:
+    """The champion version to re-evaluate first, or None."""
+    if champion is None or str(champion.version) == version or evaluate_champion_fn is None:
+        return None
+    cand_fp = (client.get_model_version(model_name, version).tags or {}).get(TAG_FINGERPRINT)
+    champ_fp = (champion.tags or {}).get(TAG_FINGERPRINT)
+    return None if cand_fp and champ_fp == cand_fp else str(champion.version)
+
+
+def _gate_locked(client, model_name: str, version: str, champion, policy: PromotionPolicy,
+                 reevaluated: Optional[dict]) -> Decision:
     cand = client.get_model_version(model_name, version)
     cand_metrics = version_metrics(client, cand)
     cand_fp = (cand.tags or {}).get(TAG_FINGERPRINT)
-    champion = alias_version(client, model_name, CHAMPION)
     if champion is not None and str(champion.version) == version:
         return Decision(False, f"version {version} is already the champion")
 
@@ -261,7 +390,7 @@ def promote_if_better(
         champ_fp = (champion.tags or {}).get(TAG_FINGERPRINT)
         if cand_fp and champ_fp == cand_fp:
             champ_metrics = version_metrics(client, champion)
-        elif evaluate_champion_fn is None:
+        elif reevaluated is None:
             decision = Decision(
                 False,
                 f"champion v{champion.version} was evaluated on other data "
@@ -271,7 +400,7 @@ def promote_if_better(
             _record(client, model_name, version, decision, extra)
             return decision
         else:
-            champ_metrics = dict(evaluate_champion_fn(champion))
+            champ_metrics = reevaluated
             extra["champion_reevaluated_on"] = cand_fp
             _set_tags(
                 client,
@@ -317,12 +446,14 @@ def force_promote(
     client = client or get_client()
     version = str(version)
     get_version(client, model_name, version)
-    champion = alias_version(client, model_name, CHAMPION)
-    if champion is not None and str(champion.version) == version:
-        return Decision(False, f"version {version} is already the champion")
-    _move_champion(client, model_name, version, champion)
-    decision = Decision(True, f"forced: {reason.strip()}")
-    _set_tags(client, model_name, version, {TAG_DECISION: "forced", TAG_REASON: decision.reason})
+    with model_lock(client, model_name):
+        champion = alias_version(client, model_name, CHAMPION)
+        if champion is not None and str(champion.version) == version:
+            return Decision(False, f"version {version} is already the champion")
+        _move_champion(client, model_name, version, champion)
+        decision = Decision(True, f"forced: {reason.strip()}")
+        _set_tags(client, model_name, version, {TAG_DECISION: "forced", TAG_REASON: decision.reason})
+        _verify(client, model_name, f"forcing v{version}")
     return decision
 
 
@@ -332,6 +463,13 @@ def rollback(model_name: str = DEFAULT_MODEL_NAME, *, reason: str = "", client=N
     needs a new promotion in between). Returns ``{"champion", "demoted"}``."""
     client = client or get_client()
     get_registered_model(client, model_name)
+    with model_lock(client, model_name):
+        result = _rollback_locked(client, model_name, reason)
+        _verify(client, model_name, "the rollback")
+    return result
+
+
+def _rollback_locked(client, model_name: str, reason: str) -> dict:
     previous = alias_version(client, model_name, PREVIOUS_CHAMPION)
     if previous is None:
         raise UserError(f"{model_name}: no previous_champion to roll back to")
@@ -374,6 +512,9 @@ def get_registered_model(client, model_name: str):
 
 def get_version(client, model_name: str, version: str):
     from mlflow.exceptions import MlflowException
+
+    if not str(version).strip().isdigit():
+        raise UserError(f"{model_name}: version must be a number (as `registry status` lists them), not {version!r}")
 
     try:
         return client.get_model_version(model_name, str(version))

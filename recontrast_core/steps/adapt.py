@@ -10,7 +10,7 @@ from ..adapt import run_adapt
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
 from ..mlops.storage import localize_weights
-from ..runtime import atomic_write_json
+from ..runtime import atomic_write_json, ensure_output_dir
 from .artifacts import ADAPT_SKIPPED_FILE, ENCODER_FILE, ENCODER_META_FILE, PathLike, load_manifest, select_shots
 from .settings import adapt_settings
 from .tracked import log_artifacts, step_tracking
@@ -27,12 +27,11 @@ def adapt(
     """Adapt the encoder (``settings.adapt_method``: msc or coft) on the normal training
     images (``settings.shots`` of them when set); returns ``encoder.safetensors`` (with
     ``encoder.json`` beside it)."""
+    out = ensure_output_dir(out_dir)
     cfg = adapt_settings(settings)
     weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
     cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})
     rows = select_shots(load_manifest(manifest), cfg.shots)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with step_tracking("adapt", pipeline_run_id, settings.tracking, params={"adapt": cfg}) as run_id:
         t0 = time.perf_counter()
         encoder = Path(run_adapt(rows, cfg, out, progress=progress))

@@ -12,7 +12,7 @@ from ..data.manifest import Manifest
 from ..errors import UserError
 from ..evaluate import evaluate_bundle
 from ..plots import overlay_grid, plot_roc_pr
-from ..runtime import atomic_write_json
+from ..runtime import atomic_write_json, ensure_output_dir
 from .artifacts import METRICS_FILE, METRICS_SUMMARY_FILE, PLOTS_DIR, PathLike, find_bundle_dir, load_manifest
 from .tracked import log_artifacts, step_tracking
 
@@ -35,14 +35,13 @@ def evaluate(
     anomalous and normal test images with their calibrated maps; 0 = none). ``device``
     defaults to ``settings.train.device``; the baseline follows ``settings.baseline``.
     """
+    out = ensure_output_dir(out_dir)
     bundle = find_bundle_dir(bundle_dir)
     rows = load_manifest(manifest)
     test = rows.select(split="test")
     if len(test) == 0:
         raise UserError(f"{rows.root}: no test images to evaluate on")
     device = device or settings.train.device
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with step_tracking("evaluate", pipeline_run_id, settings.tracking,
                        params={"device": device, "n_test_images": len(test), "baseline": settings.baseline}) as run_id:
         detector = load_detector(bundle, device)

@@ -11,7 +11,7 @@ from ..config import PipelineConfig
 from ..data.layouts import read_dataset
 from ..data.validate import validate_manifest
 from ..mlops.storage import download_s3_prefix, fetch_dvc_path, redacted_uri
-from ..runtime import atomic_write_json
+from ..runtime import atomic_write_json, ensure_output_dir
 from .artifacts import DATA_DIR, INGEST_FILE, MANIFEST_FILE, PathLike
 from .tracked import log_artifacts, step_tracking
 
@@ -48,8 +48,7 @@ def ingest(
     source, layout, dvc_repo, dvc_rev = d.source, d.layout, d.dvc_repo, d.dvc_rev
     s3_endpoint_url, copy_local, check_decode, layout_options = d.s3_endpoint_url, d.copy_local, d.check_decode, d.layout_options
 
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_dir(out_dir).resolve()
     data_dir = out / DATA_DIR
     source = str(source)
     commit: Optional[str] = None

@@ -8,6 +8,7 @@ from typing import Optional, Union
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
 from ..mlops.storage import localize_weights
+from ..runtime import ensure_output_dir
 from ..train import train_model
 from .artifacts import PathLike, find_encoder, load_manifest, select_shots
 from .tracked import log_artifacts, step_tracking
@@ -29,13 +30,12 @@ def train(
 
     ``init_encoder``: an adapted encoder (file or adapt output folder; a skipped adapt
     output counts as none)."""
+    out = ensure_output_dir(out_dir)
     cfg = settings.train
     weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
     cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})
     encoder = find_encoder(init_encoder)
     rows = select_shots(load_manifest(manifest), settings.shots).select(split="train")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     params = {"train": cfg, "inference": settings.inference, "calibration": settings.calibration,
               "shots": settings.shots or 0, "init_encoder": "adapted" if encoder else "backbone weights",
               "n_train_images": len(rows)}

@@ -396,3 +396,68 @@ def test_embedded_default_store(tmp_path, monkeypatch):
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+
+
+# ---------------------------------------------------------------------------------------
+# concurrency: one writer at a time per model (a lock kept in the registry), invariants
+# ---------------------------------------------------------------------------------------
+def test_concurrent_register_for_one_pipeline_run_makes_one_version(client, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    name, pid = _uid("m"), _uid("pr")
+    runs = []
+    for i in range(4):  # four retries of the same register step, each with its own run
+        run = client.create_run(_experiment_id(client), tags={"pipeline_run_id": pid})
+        tracking.log_bundle(_fake_bundle(tmp_path / str(i), pid), run.info.run_id, "bundle", client=client)
+        runs.append(run.info.run_id)
+    registry._ensure_registered_model(client, name)
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda rid: register_candidate(rid, name, pid, {"image_auroc": 0.9}, FP_A,
+                                                                  artifact_path="bundle", client=client), runs))
+    assert len(set(versions)) == 1, versions
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert registry.LOCK_TAG not in (client.get_registered_model(name).tags or {})  # released
+
+
+def test_concurrent_promotions_and_rollbacks_keep_the_invariants(client, tmp_path):
+    """Forced promotions and rollbacks racing from threads end in a state some serial order
+    gives: previous_champion is the version the champion replaced, no forced promotion is
+    skipped, and the lock is released."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = _uid("m")
+    versions = [_candidate(client, tmp_path, name, {"image_auroc": 0.8 + 0.01 * i}, FP_A)[0] for i in range(4)]
+    registry.force_promote(name, versions[0], "seed", client=client)
+
+    def act(i):
+        if i % 3 == 2:
+            try:
+                return ("rollback", registry.rollback(name, client=client)["champion"])
+            except UserError:  # nothing to roll back to at that moment: a serial outcome too
+                return ("rollback", None)
+        return ("force", registry.force_promote(name, versions[1 + i % 3], f"race {i}", client=client).promote)
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(act, range(6)))
+    assert registry.check_invariants(client, name) == [], outcomes
+    tags = client.get_registered_model(name).tags or {}
+    assert registry.LOCK_TAG not in tags
+    aliases = registry.status(name, client=client)["aliases"]
+    assert aliases.get(CHAMPION) in versions
+
+
+def test_a_held_lock_makes_writers_wait_and_then_give_up(client, tmp_path, monkeypatch):
+    import time as _time
+
+    name = _uid("m")
+    v1, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.9}, FP_A)
+    client.set_registered_model_tag(name, registry.LOCK_TAG,
+                                    json.dumps({"owner": "other-host:1:abc", "expires": _time.time() + 60}))
+    with pytest.raises(registry.RegistryBusy, match="other-host:1:abc"):
+        with registry.model_lock(client, name, timeout_s=1.0):
+            pass
+    assert _alias(client, name, CHAMPION) is None
+    # an expired lock (its holder died) is taken over
+    client.set_registered_model_tag(name, registry.LOCK_TAG,
+                                    json.dumps({"owner": "dead:1:abc", "expires": _time.time() - 1}))
+    assert registry.force_promote(name, v1, "after a crash", client=client).promote

@@ -143,3 +143,45 @@ def test_background_checkpoint_write_equals_the_synchronous_one(tmp_path):
     trainer.save(bad / "ckpt.pt", 2, history, background=True)
     with pytest.raises(OSError):
         trainer.wait()  # the writer's error surfaces in the training thread
+
+
+def test_resume_restores_the_loss_window_and_the_elapsed_time(tiny_tile, tmp_path, monkeypatch):
+    """A crash between log points: the resumed run reports the same loss history and final
+    loss as an uninterrupted one, and wall time over both segments."""
+    manifest = read_mvtec(tiny_tile)
+    cfg = TrainConfig(iterations=4, **{**SMALL, "log_every": 3, "checkpoint_every": 2})
+    straight = train_model(manifest, cfg, tmp_path / "a", progress=False)
+    calls = {"n": 0}
+    real_step = Trainer.step
+
+    def crashing_step(self, x, alpha):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(self, x, alpha)
+
+    monkeypatch.setattr(Trainer, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(manifest, cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    state = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    assert len(state["pending_losses"]) == 2 and state["elapsed_s"] > 0  # iterations 1-2, not yet logged
+    resumed = train_model(manifest, cfg, tmp_path / "b", progress=False, resume=True)
+    assert [h["iteration"] for h in resumed.history] == [3, 4]
+    for h_a, h_b in zip(straight.history, resumed.history):
+        assert h_b["loss"] == pytest.approx(h_a["loss"], rel=1e-5)
+    meta = json.loads((resumed.bundle_dir / "bundle.json").read_text())
+    assert meta["training"]["final_loss"] == pytest.approx(straight.history[-1]["loss"], rel=1e-5)
+    assert resumed.wall_time_s >= state["elapsed_s"]
+
+
+@pytest.mark.parametrize("content", [b"garbage, not a checkpoint", None])
+def test_resume_from_a_corrupt_checkpoint_is_a_user_error(tiny_tile, tmp_path, content):
+    manifest = read_mvtec(tiny_tile)
+    cfg = TrainConfig(iterations=2, **SMALL)
+    train_model(manifest, cfg, tmp_path / "r", progress=False)
+    ckpt = tmp_path / "r" / "checkpoints" / "last.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(content if content is not None else data[: len(data) // 2])  # garbage / truncated
+    with pytest.raises(UserError, match=r"last\.pt: cannot read the checkpoint: corrupt or truncated"):
+        train_model(manifest, cfg, tmp_path / "r", progress=False, resume=True)
