@@ -38,6 +38,21 @@ def seed_everything(seed: int) -> torch.Generator:
     return gen
 
 
+# benchmarks/faults.py sets this to kill processes in the middle of writes; never set otherwise.
+_FAILPOINT_WRITE_SLEEP = float(os.environ.get("RECONTRAST_FAILPOINT_WRITE_SLEEP", "0") or 0)
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Delete temporary files :func:`atomic_write` left beside ``path`` when its process was
+    killed mid-write (``kill -9`` skips clean-up); returns how many."""
+    path = Path(path)
+    n = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write via a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)
@@ -46,6 +61,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        if _FAILPOINT_WRITE_SLEEP:  # fault injection only (benchmarks/faults.py): widen the window
+            import time
+
+            time.sleep(_FAILPOINT_WRITE_SLEEP)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

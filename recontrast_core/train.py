@@ -29,7 +29,7 @@ from .errors import UserError
 from .losses import alpha_at, recontrast_loss
 from .models.recontrast import ReContrast
 from .progress import track_steps
-from .runtime import amp_dtype_for, atomic_write, load_torch_file, resolve_device, seed_everything
+from .runtime import amp_dtype_for, atomic_write, load_torch_file, remove_stale_temps, resolve_device, seed_everything
 
 CHECKPOINT_NAME = "last.pt"
 FEW_SHOT_CALIBRATION_VIEWS = 8  # the shot itself + 7 augmented views
@@ -238,6 +238,7 @@ def train_model(
     model = build_model(cfg, weights="none" if resume else init_encoder)
     trainer = Trainer(model, cfg, device)
     ckpt = out_dir / "checkpoints" / CHECKPOINT_NAME
+    remove_stale_temps(ckpt)  # a run killed mid-write (kill -9) leaves its temp file behind
     start, history, pending, elapsed_before = trainer.load(ckpt) if resume else (0, [], [], 0.0)
 
     losses: list[torch.Tensor] = [torch.tensor(x, device=device) for x in pending]

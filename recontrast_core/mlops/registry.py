@@ -175,12 +175,11 @@ def model_lock(client, model_name: str, *, ttl_s: float = LOCK_TTL_S, timeout_s:
     while True:
         held = _read_lock(client, model_name)
         if held is None or held["owner"] == owner or float(held["expires"]) < time.time():
-            client.set_registered_model_tag(model_name, LOCK_TAG,
-                                            json.dumps({"owner": owner, "expires": time.time() + ttl_s}))
-            time.sleep(LOCK_SETTLE_S)
-            back = _read_lock(client, model_name)
-            if back is not None and back["owner"] == owner:
-                break
+            if _write_lock(client, model_name, {"owner": owner, "expires": time.time() + ttl_s}):
+                time.sleep(LOCK_SETTLE_S)
+                back = _read_lock(client, model_name)
+                if back is not None and back["owner"] == owner:
+                    break
         if time.monotonic() > deadline:
             who = held["owner"] if held else "another writer"
             raise RegistryBusy(f"{model_name}: the registry is being changed by {who}; gave up after "
@@ -191,7 +190,30 @@ def model_lock(client, model_name: str, *, ttl_s: float = LOCK_TTL_S, timeout_s:
     finally:
         current = _read_lock(client, model_name)
         if current is not None and current["owner"] == owner:
-            client.delete_registered_model_tag(model_name, LOCK_TAG)
+            try:
+                client.delete_registered_model_tag(model_name, LOCK_TAG)
+            except Exception as exc:  # already taken over after expiry: not ours to delete
+                if not _is_conflict(exc):
+                    raise
+
+
+def _is_conflict(exc: Exception) -> bool:
+    """A write that lost a race at the server (two inserts of one tag at once) or a tag
+    already gone: both mean "someone else got there first"."""
+    text = f"{getattr(exc, 'error_code', '')} {exc}"
+    return any(s in text for s in ("UNIQUE constraint", "IntegrityError", "ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                                   "duplicate key"))
+
+
+def _write_lock(client, model_name: str, lock: dict) -> bool:
+    """Write the lock tag; False when a concurrent writer's insert won at the database."""
+    try:
+        client.set_registered_model_tag(model_name, LOCK_TAG, json.dumps(lock))
+        return True
+    except Exception as exc:
+        if _is_conflict(exc):
+            return False
+        raise
 
 
 def check_invariants(client, model_name: str) -> list[str]:
