@@ -22,7 +22,10 @@ Sections (``--sections``, default all; each is recorded even when it fails):
   evaluation reports both, as every evaluation does).
 * ``parity``: the accuracy run's model scored in fp32 and under bf16 autocast: max abs
   difference of calibrated (normalised) maps, Spearman of image scores, AUROC deltas,
-  decision agreement; it recommends the default inference precision.
+  decision agreement; it recommends the default inference precision
+  (``inference.precision``).
+* ``levers``: ``torch.compile`` of the lite0 training step (images/s and compile time);
+  last, so it cannot eat the other sections' time (``--no-compile`` skips it).
 
 Prints a markdown table and writes ``DIR/gpu_suite.json`` and ``DIR/gpu_suite.md``.
 Numbers only: nothing here asserts a timing.
@@ -56,7 +59,7 @@ from recontrast_core.config import (  # noqa: E402
 )
 
 DATA_CANDIDATES = (REPO / ".gpu" / "data" / "magnetic-tile-dev", REPO.parent / "shared" / "data" / "magnetic-tile-dev")
-SECTIONS = ("smoke", "speed", "accuracy", "parity")
+SECTIONS = ("smoke", "speed", "accuracy", "parity", "levers")
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -192,7 +195,18 @@ class Suite:
                 _guard(rec, f"{name}_no_cudnn_benchmark", lambda kw=kw: self._speed_one(kw, cudnn_benchmark=False, eval_too=False))
         return rec
 
-    def _speed_one(self, kw: dict, cudnn_benchmark: bool, eval_too: bool = True) -> dict:
+    def levers(self) -> dict:
+        """Optional levers, last so they never eat the other sections' time: torch.compile of
+        the lite0 training step (compile time reported apart)."""
+        rec: dict = {}
+        if not self.args.compile:
+            rec["lite0_torch_compile"] = {"ok": True, "skipped": "--no-compile (default with --tiny)"}
+            return rec
+        lite0 = dict(backbone=BackboneConfig(name="tf_efficientnet_lite0", weights="none"))
+        _guard(rec, "lite0_torch_compile", lambda: self._speed_one(lite0, cudnn_benchmark=True, compile_model=True))
+        return rec
+
+    def _speed_one(self, kw: dict, cudnn_benchmark: bool, eval_too: bool = True, compile_model: bool = False) -> dict:
         from recontrast_core.bundle import Detector
         from recontrast_core.models import build_model
         from recontrast_core.calibration import Calibration
@@ -209,6 +223,15 @@ class Suite:
         model = build_model(cfg)
         trainer = Trainer(model, cfg, self.device)
         warm, iters = (1, 2) if self.tiny else (10, 60)
+        compile_s = None
+        if compile_model:
+            t0 = time.perf_counter()
+            trainer.model = torch.compile(trainer.model)
+            step_probe = _prepare(images[:batch], cfg, self.device, 0, model.encoder.stats)
+            trainer.step(step_probe, 1.0)  # compile happens here
+            _sync(self.device)
+            compile_s = round(time.perf_counter() - t0, 1)
+            eval_too = False
 
         def step(i):
             idx = _to_device(batch_indices(i, n_img, batch, cfg.seed), self.device)
@@ -224,8 +247,11 @@ class Suite:
         _sync(self.device)
         train_s = time.perf_counter() - t0
         out = {"train_images_per_s": round(iters * batch / train_s, 1), "train_peak_gib": _peak_gib(self.device),
+               **({"compile_s": compile_s} if compile_s is not None else {}),
                "batch": batch, "image_size": s, "cudnn_benchmark": cudnn_benchmark,
                "precision": "bf16 autocast" if (cfg.amp and self.device.type == "cuda") else "fp32"}
+        if compile_model:
+            return out
         ckpt = self.work / "speed_ckpt" / "last.pt"
         t0 = time.perf_counter()
         trainer.save(ckpt, warm + iters, [])
@@ -388,6 +414,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--iterations", type=int, default=2000, help="accuracy run length (paper: 2000)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile of the lite0 training step (default: on with CUDA, off with --tiny)")
     args = p.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
@@ -400,6 +428,8 @@ def main(argv=None) -> int:
     if not args.tiny and args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device here; use --tiny for the CPU check", file=sys.stderr)
         return 2
+    if args.compile is None:
+        args.compile = not args.tiny
     if args.tiny:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     results = Suite(args).run(sections)

@@ -48,6 +48,12 @@ def bench(name: str, device: torch.device, args) -> dict:
                       channels_last=not args.no_channels_last, decoder_blocks=tuple(args.decoder_blocks),
                       bottleneck_blocks=args.bottleneck_blocks, **CONFIGS[name])
     trainer = Trainer(build_model(cfg), cfg, device)
+    compile_s = None
+    if args.compile:
+        t0 = time.perf_counter()
+        trainer.model = torch.compile(trainer.model)
+        trainer.step(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device), 1.0)
+        compile_s = round(time.perf_counter() - t0, 1)
     x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -95,6 +101,8 @@ def bench(name: str, device: torch.device, args) -> dict:
         "bottleneck_blocks": cfg.bottleneck_blocks,
         "channels_last": cfg.channels_last,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "compiled": bool(args.compile),
+        "compile_s": compile_s,
     }
 
 
@@ -112,6 +120,7 @@ def main() -> None:
     p.add_argument("--decoder-blocks", type=int, nargs=3, default=[3, 4, 6], help="paper: 3 4 6; CPU profile: 1 1 1")
     p.add_argument("--bottleneck-blocks", type=int, default=3)
     p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported apart)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: the CPU quota)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()

@@ -19,7 +19,7 @@ def test_gpu_suite_tiny_runs_every_section(magnetic_tile_root, tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     sections = res["sections"]
-    assert set(sections) == {"smoke", "speed", "accuracy", "parity"}
+    assert set(sections) == {"smoke", "speed", "accuracy", "parity", "levers"}
     failed = {f"{s}.{c}": r.get("error") for s, checks in sections.items() for c, r in checks.items() if not r["ok"]}
     assert not failed, failed
     assert set(sections["smoke"]) == {"train", "adapt_msc", "adapt_coft", "evaluate", "predict"}
