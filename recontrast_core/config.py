@@ -12,7 +12,7 @@ is the paper-parity option for clusters with hub access or a local weights file)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -237,7 +237,9 @@ class DataConfig(_Strict):
     # A local folder, an s3://bucket/prefix, or (with dvc_repo) a path inside a
     # DVC-tracked git repository.
     source: str = "../shared/data/magnetic-tile-dev"
-    layout: Literal["auto", "mvtec", "folder", "manifest"] = "auto"
+    # docs/data.md: mvtec, folder, labelme, coco, visa, manifest; "auto" recognises mvtec,
+    # a manifest .json, visa (split_csv/1cls.csv) and labelme (LabelMe .json files).
+    layout: Literal["auto", "mvtec", "folder", "labelme", "coco", "visa", "manifest"] = "auto"
     dvc_repo: Optional[str] = None  # local path or git URL of a DVC repository
     dvc_rev: Optional[str] = None  # git revision (branch, tag, commit); None = HEAD
     # S3/MinIO endpoint; None = AWS_ENDPOINT_URL / S3_ENDPOINT_URL from the environment.
@@ -246,9 +248,13 @@ class DataConfig(_Strict):
     # e.g. KFP pods); s3:// and DVC sources are always materialised there.
     copy_local: bool = False
     check_decode: bool = True
-    # Options of the folder layout (normal_dir, abnormal_dir, mask_dir: relative to the
-    # dataset root or absolute).
-    layout_options: dict[str, str] = Field(default_factory=dict)
+    # The same image content in train and test is refused (leakage) unless this is true.
+    allow_duplicates: bool = False
+    # Options of the layout (data.layouts.LAYOUT_OPTIONS): folder: normal_dir, abnormal_dir,
+    # mask_dir, test_fraction, seed; labelme: normal_label, test_fraction, seed, split;
+    # coco: annotations, images, normal_label, test_fraction, seed, split; visa: split_csv,
+    # object. Paths are relative to the dataset root or absolute.
+    layout_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class RegistryConfig(PromotionPolicy):

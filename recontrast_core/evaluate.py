@@ -8,6 +8,20 @@ bundle's frozen encoder and input statistics, patch nearest neighbours over the 
 normal training images) scores the same test images at the same size; its metrics are
 reported as ``baseline_<name>`` (and under ``"baseline"`` in the payload), so every
 evaluation says whether training earned its keep. The registry's baseline floor reads them.
+
+**Normal-only test sets** (no anomalous test image anywhere, e.g. a plant that has not
+collected defects yet): AUROC, F1, precision and recall are undefined, so evaluation
+reports what can be measured: ``fpr_at_threshold`` (the share of the held-out normal test
+images flagged at the stored threshold), the score distribution (``score_mean``,
+``score_std``, ``score_min``, ``score_p50``, ``score_p90``, ``score_p95``, ``score_p99``,
+``score_max``) and, unless ``synthetic=False``, ``synthetic_image_auroc``: the image AUROC
+of the normal test images against one synthesised anomaly of each (COFT-AD's cut-paste /
+scar / noise synthesiser, :func:`recontrast_core.adapt.synth.synthesize_batch`, seeded).
+It is labelled synthetic because it is not a measurement on real defects. The payload
+gains a ``note`` saying so; everything else keeps its format. The registry compares only
+the metrics both models have: without ``image_auroc`` (the default primary metric) such a
+candidate is not promoted. The baseline reports the same keys (``baseline_score_*``,
+``baseline_synthetic_image_auroc``).
 """
 
 from __future__ import annotations
@@ -30,6 +44,14 @@ from .runtime import atomic_write
 
 from .filenames import METRICS_FILE, SCORES_FILE  # noqa: E402  (re-exported)
 
+NORMAL_ONLY_NOTE = (
+    "normal-only test set: no anomalous test image, so image/pixel AUROC, AUPRO and F1 cannot be measured; "
+    "reported instead: fpr_at_threshold on the held-out normal test images, the score distribution (score_*) and "
+    "synthetic_image_auroc (normal test images against synthesised anomalies, not real defects). The registry "
+    "compares only metrics both models have: without image_auroc this candidate is not promoted."
+)
+SYNTHETIC_SEED = 0
+
 
 def evaluate_bundle(
     bundle_dir: Union[str, Path, Detector],
@@ -40,8 +62,12 @@ def evaluate_bundle(
     device: str = "auto",
     keep_maps: bool = False,
     baseline: Optional[BaselineConfig] = None,
+    synthetic: bool = True,
 ) -> dict:
     """Score every test image; return (and write, with ``out_dir``) the metrics payload.
+
+    A test split of normal images only is evaluated as the module doc says (``synthetic``:
+    also score synthesised anomalies); one of anomalous images only is refused.
 
     ``baseline``: settings of the training-free baseline scored beside the model on the
     same test images (needs normal training images in ``manifest``); None or
@@ -54,9 +80,11 @@ def evaluate_bundle(
     if len(test) == 0:
         raise UserError(f"{manifest.root}: the manifest has no test images to evaluate on")
     labels = np.asarray(test.labels)
-    if len(set(labels.tolist())) < 2:
-        raise UserError(f"{manifest.root}: the test split needs both normal and anomalous images for metrics")
-    with_masks = bool(manifest.has_masks)
+    normal_only = set(labels.tolist()) == {0}
+    if set(labels.tolist()) == {1}:
+        raise UserError(f"{manifest.root}: the test split holds only anomalous images; metrics need normal test "
+                        "images too (hold some out of training)")
+    with_masks = bool(manifest.has_masks) and not normal_only
     images, masks, _ = load_resized(test, detector.image_size, with_masks=with_masks, progress=progress)
     from .progress import track_steps
 
@@ -68,15 +96,25 @@ def evaluate_bundle(
             scores.append(s)
             bar.advance(len(s))
     maps, scores = np.concatenate(maps), np.concatenate(scores)
-    metrics = compute_all(labels, scores, masks.numpy() if with_masks else None, maps if with_masks else None)
+    if normal_only:
+        metrics = score_distribution(scores)
+        if synthetic:
+            metrics["synthetic_image_auroc"] = synthetic_auroc(
+                lambda x: _score_batches(detector, x), images, scores)
+    else:
+        metrics = compute_all(labels, scores, masks.numpy() if with_masks else None, maps if with_masks else None)
     base = None
     if baseline is not None and baseline.enabled:
-        base = baseline_metrics(detector, manifest, images, labels, masks if with_masks else None, baseline, progress)
+        base = baseline_metrics(detector, manifest, images, labels, masks if with_masks else None, baseline, progress,
+                                synthetic=synthetic)
         metrics.update({f"baseline_{k}": v for k, v in base["metrics"].items()})
     norm = normalise(scores, detector.calibration)
     flags = decide(scores, detector.calibration)
     metrics["threshold"] = float(detector.calibration.threshold)
-    metrics["precision_at_threshold"], metrics["recall_at_threshold"], metrics["fpr_at_threshold"] = _rates(labels, flags)
+    precision, recall, fpr = _rates(labels, flags)
+    if not normal_only:  # precision and recall need anomalies
+        metrics["precision_at_threshold"], metrics["recall_at_threshold"] = precision, recall
+    metrics["fpr_at_threshold"] = fpr
     payload = {
         "metrics": metrics,
         "dataset_fingerprint": manifest.fingerprint,
@@ -84,6 +122,7 @@ def evaluate_bundle(
         "n_images": int(len(test)),
         "n_anomalous": int(labels.sum()),
         **({"baseline": base} if base is not None else {}),
+        **({"note": NORMAL_ONLY_NOTE} if normal_only else {}),
         "per_image": [
             {
                 "path": e.path,
@@ -103,9 +142,42 @@ def evaluate_bundle(
     return payload
 
 
+def score_distribution(scores: np.ndarray) -> dict[str, float]:
+    """``score_mean``, ``score_std``, ``score_min``, ``score_p50/p90/p95/p99``, ``score_max``."""
+    s = np.asarray(scores, dtype=np.float64)
+    out = {"score_mean": float(s.mean()), "score_std": float(s.std()), "score_min": float(s.min())}
+    for q in (50, 90, 95, 99):
+        out[f"score_p{q}"] = float(np.percentile(s, q))
+    out["score_max"] = float(s.max())
+    return out
+
+
+def synthetic_auroc(score_fn, images, normal_scores: np.ndarray, seed: int = SYNTHETIC_SEED) -> float:
+    """Image AUROC of ``normal_scores`` against the scores ``score_fn`` gives one seeded
+    synthetic anomaly of each image (uint8 ``[N,3,S,S]``; cut-paste / scar / noise)."""
+    import torch
+
+    from .adapt.synth import synthesize_batch
+    from .metrics import image_auroc
+
+    gen = torch.Generator().manual_seed(seed)
+    synth = synthesize_batch(images, gen)
+    synth_scores = np.asarray(score_fn(synth), dtype=np.float64)
+    labels = np.concatenate([np.zeros(len(normal_scores), dtype=int), np.ones(len(synth_scores), dtype=int)])
+    return float(image_auroc(labels, np.concatenate([np.asarray(normal_scores, dtype=np.float64), synth_scores])))
+
+
+def _score_batches(detector: Detector, images) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), detector.inference.batch_size):
+        out.append(detector.score_uint8(images[start : start + detector.inference.batch_size])[1])
+    return np.concatenate(out)
+
+
 def baseline_metrics(detector: Detector, manifest: Manifest, test_images, labels, masks, cfg: BaselineConfig,
-                     progress: bool = False) -> dict:
-    """The training-free baseline on the same (already resized) test images."""
+                     progress: bool = False, synthetic: bool = True) -> dict:
+    """The training-free baseline on the same (already resized) test images (on a
+    normal-only test split: the score distribution and the synthetic AUROC, as the model)."""
     import time
 
     from .baseline import PatchBaseline
@@ -117,9 +189,14 @@ def baseline_metrics(detector: Detector, manifest: Manifest, test_images, labels
     train_images, _, _ = load_resized(train, detector.image_size, with_masks=False, progress=progress)
     model = PatchBaseline(detector.model.frozen, cfg, device=detector.device).fit(train_images)
     maps, scores = model.score(test_images)
-    metrics = compute_all(labels, scores, masks.numpy() if masks is not None else None,
-                          maps if masks is not None else None)
-    metrics = {k: v for k, v in metrics.items() if k != "image_f1_threshold"}
+    if set(np.asarray(labels).tolist()) == {0}:
+        metrics = score_distribution(scores)
+        if synthetic:
+            metrics["synthetic_image_auroc"] = synthetic_auroc(lambda x: model.score(x)[1], test_images, scores)
+    else:
+        metrics = compute_all(labels, scores, masks.numpy() if masks is not None else None,
+                              maps if masks is not None else None)
+        metrics = {k: v for k, v in metrics.items() if k != "image_f1_threshold"}
     return {"metrics": metrics, "settings": cfg.model_dump(mode="json"), "bank_size": int(model.bank.shape[0]),
             "n_train_images": len(train), "wall_time_s": round(time.perf_counter() - t0, 2)}
 

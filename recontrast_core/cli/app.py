@@ -1,4 +1,4 @@
-"""The ``recontrast`` command: train | evaluate | predict | adapt | pipeline | registry | demo.
+"""The ``recontrast`` command: train | evaluate | predict | adapt | data | pipeline | registry | demo.
 
 Human output (progress bars, tables, errors) goes to stderr; ``--json`` prints one
 machine-readable document on stdout. Bad input exits with code 2 and one line.
@@ -15,6 +15,8 @@ import typer
 from .common import (
     console,
     emit_json,
+    layout_option,
+    layout_options,
     params_option,
     read_validated_dataset,
     set_option,
@@ -31,13 +33,34 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DatasetArg = typer.Argument(..., help="MVTec-layout folder, a normal-images folder (with --layout folder), or a manifest.json")
+DatasetArg = typer.Argument(..., help="MVTec-layout folder, a normal-images folder (with --layout folder), a LabelMe "
+                                      "folder, a COCO or VisA dataset (--layout coco|visa), or a manifest.json")
+LAYOUT_HELP = "auto | mvtec | folder | labelme | coco | visa | manifest (docs/data.md)"
 
 
-def read_dataset_arg(dataset: Path, layout: str, abnormal_dir: Optional[Path], mask_dir: Optional[Path], progress: bool):
+def read_dataset_arg(dataset: Path, layout: str, abnormal_dir: Optional[Path], mask_dir: Optional[Path], progress: bool,
+                     *, normal_label: Optional[str] = None, annotations: Optional[Path] = None,
+                     images: Optional[Path] = None, split_csv: Optional[Path] = None,
+                     options: Optional[list[str]] = None, allow_duplicates: bool = False):
     """Read and validate a dataset before any work; raises UserError naming the bad file."""
-    options = {"abnormal_dir": abnormal_dir, "mask_dir": mask_dir} if layout == "folder" else {}
-    return read_validated_dataset(dataset, layout, progress, **{k: v for k, v in options.items() if v is not None})
+    opts = layout_options(layout, abnormal_dir=abnormal_dir, mask_dir=mask_dir, normal_label=normal_label,
+                          annotations=annotations, images=images, split_csv=split_csv, items=options)
+    return read_validated_dataset(dataset, layout, progress, allow_duplicates=allow_duplicates, **opts)
+
+
+def _layout_flags():
+    """The layout options train and evaluate share (docs/data.md)."""
+    return dict(
+        normal_label=typer.Option(None, "--normal-label", help="labelme/coco: label of 'ok' regions (not anomalies)"),
+        annotations=typer.Option(None, "--annotations", help="coco: the instances .json file"),
+        images=typer.Option(None, "--images", help="coco: the image folder (default: DATASET)"),
+        split_csv=typer.Option(None, "--split-csv", help="visa: the split CSV"),
+        allow_duplicates=typer.Option(None, "--allow-duplicates/--no-allow-duplicates",
+                                      help="Identical images in train and test: a warning instead of an error"),
+    )
+
+
+_LF = _layout_flags()
 
 
 @app.command()
@@ -60,9 +83,15 @@ def train(
     shots: Optional[int] = typer.Option(None, "--shots", "-k", help="Few-shot ReContrast: train on K normal images (the adapt step's deterministic choice); all K train"),
     init_encoder: Optional[str] = typer.Option(None, help="Adapted encoder weights (from `recontrast adapt`) for both encoder copies"),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.pt"),
-    layout: str = typer.Option("auto", help="auto | mvtec | folder | manifest"),
+    layout: str = typer.Option("auto", help=LAYOUT_HELP),
     abnormal_dir: Optional[Path] = typer.Option(None, help="folder layout: anomalous test images"),
     mask_dir: Optional[Path] = typer.Option(None, help="folder layout: masks for anomalous images"),
+    normal_label: Optional[str] = _LF["normal_label"],
+    annotations: Optional[Path] = _LF["annotations"],
+    images: Optional[Path] = _LF["images"],
+    split_csv: Optional[Path] = _LF["split_csv"],
+    layout_opt: list[str] = layout_option(),
+    allow_duplicates: Optional[bool] = _LF["allow_duplicates"],
     validation_fraction: Optional[float] = typer.Option(None, help="Share of normal train images held out to set the threshold"),
     target_fpr: Optional[float] = typer.Option(None, help="False-positive rate the threshold aims at on held-out normals"),
     set_: list[str] = set_option(),
@@ -82,8 +111,11 @@ def train(
             "train.encoder_bn": encoder_bn, "train.seed": seed, "train.device": device,
             "train.checkpoint_every": checkpoint_every, "train.augment": augment, "shots": shots,
             "calibration.validation_fraction": validation_fraction, "calibration.target_fpr": target_fpr,
+            "data.allow_duplicates": allow_duplicates,
         }, set_)
-        manifest = read_dataset_arg(dataset, layout, abnormal_dir, mask_dir, progress)
+        manifest = read_dataset_arg(dataset, layout, abnormal_dir, mask_dir, progress, normal_label=normal_label,
+                                    annotations=annotations, images=images, split_csv=split_csv, options=layout_opt,
+                                    allow_duplicates=settings.data.allow_duplicates)
         bundle = train_step(manifest, out, settings, init_encoder=init_encoder, resume=resume, progress=progress)
         info = (read_json(bundle / "bundle.json") or {}).get("training", {})
         summary = {
@@ -105,9 +137,15 @@ def evaluate(
     dataset: Path = DatasetArg,
     out: Path = typer.Option(Path("runs/evaluate"), "--out", "-o", help="metrics.json, scores.csv and plots/ go here"),
     config: Optional[Path] = params_option(),
-    layout: str = typer.Option("auto"),
+    layout: str = typer.Option("auto", help=LAYOUT_HELP),
     abnormal_dir: Optional[Path] = typer.Option(None),
     mask_dir: Optional[Path] = typer.Option(None),
+    normal_label: Optional[str] = _LF["normal_label"],
+    annotations: Optional[Path] = _LF["annotations"],
+    images: Optional[Path] = _LF["images"],
+    split_csv: Optional[Path] = _LF["split_csv"],
+    layout_opt: list[str] = layout_option(),
+    allow_duplicates: Optional[bool] = _LF["allow_duplicates"],
     device: str = typer.Option("auto"),
     baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
                                             help="Score the training-free baseline beside the model (default on)"),
@@ -116,18 +154,24 @@ def evaluate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (and the paper's per-image AUPRO), F1-max on the test
-    split, beside the training-free baseline (the pipeline's evaluate step)."""
+    split, beside the training-free baseline (the pipeline's evaluate step). With normal
+    test images only: the false-positive rate at the threshold, the score distribution and
+    an AUROC on synthesised anomalies."""
     with user_errors():
         from ..runtime import read_json
         from ..steps import evaluate as evaluate_step
 
-        settings = settings_from(config, {"baseline.enabled": baseline}, set_)
-        manifest = read_dataset_arg(dataset, layout, abnormal_dir, mask_dir, progress)
+        settings = settings_from(config, {"baseline.enabled": baseline, "data.allow_duplicates": allow_duplicates}, set_)
+        manifest = read_dataset_arg(dataset, layout, abnormal_dir, mask_dir, progress, normal_label=normal_label,
+                                    annotations=annotations, images=images, split_csv=split_csv, options=layout_opt,
+                                    allow_duplicates=settings.data.allow_duplicates)
         path = evaluate_step(bundle, manifest, out, settings, device=device, progress=progress)
         payload = read_json(path)
         metrics = payload["metrics"]
         model_rows = {k: v for k, v in metrics.items() if not k.startswith("baseline_")}
         console.print(summary_table(f"evaluation ({payload['n_images']} test images)", model_rows))
+        if payload.get("note"):
+            console.print(f"[yellow]note:[/] {payload['note']}", highlight=False, soft_wrap=True)
         if "baseline" in payload:
             console.print(comparison_table(metrics))
         if json_out:
@@ -196,8 +240,11 @@ def _mount() -> None:
     """Sub-commands in their own modules; one whose dependencies are missing stays listed
     and explains itself (exit 2) rather than disappearing."""
     from .adapt import adapt_command
+    from .data import data_app
 
     app.command("adapt", help="Contrastive domain adaptation of the encoder: MSC or COFT-AD few-shot.")(adapt_command)
+    app.add_typer(data_app, name="data")
+    app.command("export", help="Export the whole scoring graph to ONNX or OpenVINO.")(importlib.import_module("recontrast_core.cli.export").export_command)
     for module, attr, name in (("pipeline", "pipeline_app", "pipeline"), ("registry", "registry_app", "registry")):
         try:
             sub = getattr(importlib.import_module(f"recontrast_core.cli.{module}"), attr)

@@ -56,22 +56,53 @@ def settings_from(params: Optional[Path], flags: dict[str, Any], sets: Optional[
     return apply_overrides(cfg, sets or []) if sets else cfg
 
 
-def read_validated_dataset(dataset, layout: str = "auto", progress: bool = True, **layout_options):
+def read_validated_dataset(dataset, layout: str = "auto", progress: bool = True, *, allow_duplicates: bool = False,
+                           **layout_options):
     """Read a dataset folder (any layout) and validate every file before any work; warnings
     go to the console. (Steps read ingest outputs with ``steps.artifacts.load_manifest``.)"""
     from ..data.layouts import read_dataset
 
-    return validate_with_warnings(read_dataset(dataset, layout=layout, **layout_options), progress)
+    return validate_with_warnings(read_dataset(dataset, layout=layout, **layout_options), progress,
+                                  allow_duplicates=allow_duplicates)
 
 
-def validate_with_warnings(manifest, progress: bool = True):
+def validate_with_warnings(manifest, progress: bool = True, *, allow_duplicates: bool = False):
     """Validate every file of ``manifest`` (raises naming the file); print the warnings."""
     from ..data.validate import validate_manifest
 
-    report = validate_manifest(manifest, progress=progress)
+    report = validate_manifest(manifest, progress=progress, allow_duplicates=allow_duplicates)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     return manifest
+
+
+def layout_options(layout: str, *, abnormal_dir=None, mask_dir=None, normal_label: Optional[str] = None,
+                   annotations=None, images=None, split_csv=None, items: Optional[list[str]] = None) -> dict[str, Any]:
+    """The layout options given on the command line: the folder layout's ``--abnormal-dir``
+    / ``--mask-dir`` (only with ``--layout folder``, as before), ``--normal-label``,
+    ``--annotations``, ``--images``, ``--split-csv`` (paths made absolute: they are
+    relative to the current folder here) and ``--layout-option KEY=VALUE`` items."""
+    from ..errors import UserError
+
+    opts: dict[str, Any] = {}
+    if layout == "folder":
+        opts.update({k: v for k, v in (("abnormal_dir", abnormal_dir), ("mask_dir", mask_dir)) if v is not None})
+    for key, value in (("annotations", annotations), ("images", images), ("split_csv", split_csv)):
+        if value is not None:
+            opts[key] = str(Path(value).resolve())
+    if normal_label is not None:
+        opts["normal_label"] = normal_label
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--layout-option takes KEY=VALUE, not {item!r}")
+        opts[key.strip()] = value
+    return opts
+
+
+def layout_option():
+    return typer.Option([], "--layout-option", metavar="KEY=VALUE",
+                        help="Any layout option (docs/data.md), e.g. test_fraction=0.3, split=hash; repeatable")
 
 
 def set_option():

@@ -14,6 +14,10 @@
 * :func:`batch_slices` is the tiny batch iterator; the trainer samples indices itself.
 
 Rows without a mask (normal images, or datasets without ground truth) get all-False masks.
+Rows whose pixels come from an annotation reference (a LabelMe / COCO mask rasterised on
+demand, a LabelMe embedded image: :mod:`recontrast_core.data.annotations`) go through the
+same cache; their disk key is the manifest's content hash, or the annotation file's path,
+mtime and size plus the selector.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .annotations import load_source_image, load_source_mask
 from .images import load_image_rgb, load_mask
-from .manifest import Manifest, ManifestEntry
+from .manifest import AnnotationRef, Manifest, ManifestEntry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,9 +92,14 @@ class ImageCache:
         self.decoded = 0
 
     # ---- keys and disk -------------------------------------------------------------------
-    def _disk_key(self, path: Path, kind: str, content_sha: Optional[str]) -> str:
-        if content_sha:
+    def _disk_key(self, path: "Path | AnnotationRef", kind: str, content_sha: Optional[str]) -> str:
+        if content_sha and isinstance(path, AnnotationRef):
+            ident = f"sha:{content_sha}#{path.selector}"
+        elif content_sha:
             ident = f"sha:{content_sha}"
+        elif isinstance(path, AnnotationRef):
+            st = path.file.stat()
+            ident = f"file:{path.file.resolve()}#{path.selector}|{st.st_mtime_ns}|{st.st_size}"
         else:
             st = path.stat()
             ident = f"file:{path.resolve()}|{st.st_mtime_ns}|{st.st_size}"
@@ -126,7 +136,7 @@ class ImageCache:
             pass  # a read-only or full cache dir only costs speed
 
     # ---- one file ------------------------------------------------------------------------
-    def _get(self, path: Path, kind: str, content_sha: Optional[str]) -> np.ndarray:
+    def _get(self, path: "Path | AnnotationRef", kind: str, content_sha: Optional[str]) -> np.ndarray:
         mem_key = (str(path), kind)
         with self._lock:
             hit = self._mem.get(mem_key)
@@ -139,7 +149,12 @@ class ImageCache:
             arr = self._load_disk(disk_key, kind)
         if arr is None:
             if kind == "image":
-                arr = resize_image(load_image_rgb(path), self.image_size)
+                if isinstance(path, AnnotationRef):
+                    arr = resize_image(load_source_image(path), self.image_size)
+                else:
+                    arr = resize_image(load_image_rgb(path), self.image_size)
+            elif isinstance(path, AnnotationRef):
+                arr = resize_mask(load_source_mask(path), self.image_size)
             else:
                 arr = resize_mask(load_mask(path), self.image_size)
             with self._lock:
@@ -165,15 +180,15 @@ class ImageCache:
         # Unique (path, kind) jobs, so a file listed twice is decoded once; each result is
         # written into its rows as soon as it arrives and then dropped (peak memory: the
         # output tensors plus a few in-flight arrays, when keep_in_memory is off).
-        jobs: dict[tuple[str, str], tuple[Path, str, Optional[str]]] = {}
+        jobs: dict[tuple[str, str], tuple["Path | AnnotationRef", str, Optional[str]]] = {}
         rows: dict[tuple[str, str], list[int]] = {}
         for i, e in enumerate(entries):
-            p = manifest.abspath(e.path)
+            p = manifest.source(e.path)
             key = (str(p), "image")
             jobs.setdefault(key, (p, "image", _content_sha(e)))
             rows.setdefault(key, []).append(i)
             if with_masks and e.mask_path:
-                mp = manifest.abspath(e.mask_path)
+                mp = manifest.source(e.mask_path)
                 key = (str(mp), "mask")
                 jobs.setdefault(key, (mp, "mask", None))
                 rows.setdefault(key, []).append(i)

@@ -8,7 +8,21 @@ File format (``manifest.json``)::
                   "mask_path": null, "split": "train", "sha256": "..." | null}, ...]}
 
 Paths are stored relative to ``root`` when they lie below it, so a manifest travels with
-its dataset. ``label`` is 0 for normal and 1 for anomalous. ``split`` is ``train`` or
+its dataset. ``mask_path`` (and, for LabelMe files that embed their image, ``path``) may
+instead be an **annotation reference**::
+
+    annotation:<annotation file, relative to root>#<selector>
+
+    annotation:annotations/003.json#labelme:0,2:373x248     shapes 0 and 2 of a LabelMe file,
+                                                            rasterised at 373 x 248 (W x H)
+    annotation:instances.json#coco:17,18:373x248            COCO annotations 17 and 18
+    annotation:annotations/003.json#labelme:imageData       the image embedded in the file
+
+:mod:`recontrast_core.data.annotations` resolves a reference (rasterises the shapes, or
+decodes the embedded image) whenever pixels are needed: validation, the image cache,
+the report. :meth:`Manifest.source` gives an :class:`AnnotationRef` for such a row and a
+:class:`~pathlib.Path` otherwise; :meth:`Manifest.abspath` gives the annotation file, so
+messages and :meth:`Manifest.with_hashes` name and hash the file the pixels come from. ``label`` is 0 for normal and 1 for anomalous. ``split`` is ``train`` or
 ``test``; the validation split used for calibration is carved out of ``train`` at run
 time (see :func:`split_validation`).
 """
@@ -27,6 +41,40 @@ from ..errors import UserError
 
 MANIFEST_FORMAT = "recontrast-manifest/1"
 SPLITS = ("train", "test")
+#: Prefix of an annotation reference in ``path`` / ``mask_path`` (see the module doc).
+REFERENCE_PREFIX = "annotation:"
+
+
+@dataclass(frozen=True)
+class AnnotationRef:
+    """Pixels that come from an annotation file: ``file`` (absolute) and the ``selector``
+    after ``#`` (``labelme:<shape indices>:<W>x<H>``, ``coco:<annotation ids>:<W>x<H>``
+    or ``labelme:imageData``)."""
+
+    file: Path
+    selector: str
+
+    def __str__(self) -> str:
+        return f"{self.file}#{self.selector}"
+
+
+def is_reference(rel: Optional[str]) -> bool:
+    """True when a manifest path is an annotation reference (``annotation:...#...``)."""
+    return bool(rel) and str(rel).startswith(REFERENCE_PREFIX)
+
+
+def make_reference(file_rel: str, selector: str) -> str:
+    """``annotation:<file_rel>#<selector>``."""
+    return f"{REFERENCE_PREFIX}{file_rel}#{selector}"
+
+
+def split_reference(rel: str) -> tuple[str, str]:
+    """``(annotation file path as stored, selector)`` of a reference."""
+    body = rel[len(REFERENCE_PREFIX):]
+    file_rel, sep, selector = body.rpartition("#")
+    if not sep or not file_rel or not selector:
+        raise UserError(f"malformed annotation reference {rel!r} (expected annotation:<file>#<selector>)")
+    return file_rel, selector
 
 
 @dataclass(frozen=True)
@@ -62,8 +110,17 @@ class Manifest:
         return len(self.entries)
 
     def abspath(self, rel: str) -> Path:
+        """The file behind a manifest path (for a reference: its annotation file)."""
+        if is_reference(rel):
+            rel = split_reference(rel)[0]
         p = Path(rel)
         return p if p.is_absolute() else Path(self.root) / p
+
+    def source(self, rel: str) -> "Path | AnnotationRef":
+        """Where a row's pixels come from: a file path, or an :class:`AnnotationRef`."""
+        if is_reference(rel):
+            return AnnotationRef(self.abspath(rel), split_reference(rel)[1])
+        return self.abspath(rel)
 
     def image_paths(self) -> list[Path]:
         return [self.abspath(e.path) for e in self.entries]
@@ -77,12 +134,21 @@ class Manifest:
 
     # ---- hashing ---------------------------------------------------------------------
     def with_hashes(self) -> "Manifest":
-        """Fill sha256 per file (image and mask) and the dataset fingerprint."""
+        """Fill sha256 per file (image and mask) and the dataset fingerprint. A reference
+        hashes its annotation file (the selector is part of the fingerprinted row)."""
         rows = []
+        memo: dict[Path, str] = {}  # one COCO file behind many rows is hashed once
+
+        def sha(rel: str) -> str:
+            p = self.abspath(rel)
+            if p not in memo:
+                memo[p] = file_sha256(p)
+            return memo[p]
+
         for e in self.entries:
-            h = hashlib.sha256(_file_sha256(self.abspath(e.path)).encode())
+            h = hashlib.sha256(sha(e.path).encode())
             if e.mask_path:
-                h.update(_file_sha256(self.abspath(e.mask_path)).encode())
+                h.update(sha(e.mask_path).encode())
             rows.append(replace(e, sha256=h.hexdigest()))
         m = replace(self, entries=rows)
         m.fingerprint = m.compute_fingerprint()
@@ -153,7 +219,8 @@ def split_validation(
     return train.subset(rows[n_val:]), train.subset(rows[:n_val])
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -162,3 +229,6 @@ def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+_file_sha256 = file_sha256  # the earlier private name

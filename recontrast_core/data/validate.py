@@ -13,11 +13,22 @@ is ``exc.problems``. Problems:
 * an anomalous (label 1) row without a mask while the manifest ``has_masks``;
 * a mask path that does not exist, is unreadable, or whose size differs from its image;
 * a bad label / split value, or a path listed twice in the same split;
-* no normal training images (``split == "train"`` and ``label == 0``): names the root.
+* no normal training images (``split == "train"`` and ``label == 0``): names the root;
+* an annotation reference (LabelMe / COCO mask, LabelMe embedded image) that cannot be
+  rasterised or decoded, or whose mask size differs from the image;
+* **leakage**: the same image content (sha256 of the image bytes) in the train and the test
+  split, whatever the file names; ``allow_duplicates=True`` turns it into a warning.
+
+The annotation readers (:mod:`recontrast_core.data.layouts`) check the annotation files
+themselves before a manifest exists (invalid JSON, unknown shape types, polygons with fewer
+than three points, ``imagePath`` outside the dataset, missing images, stated sizes that
+differ from the image, COCO references to unknown images or categories) and raise the same
+:class:`DatasetInvalid`.
 
 Warnings (in the returned :class:`ValidationReport`, not errors): no test images, a test
 split holding only one class (AUROC needs both), anomalous rows in the train split (the
-trainer only uses normal images).
+trainer only uses normal images), annotation points outside their image (clipped),
+allowed train/test duplicates.
 """
 
 from __future__ import annotations
@@ -29,8 +40,9 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from ..errors import DataValidationError
+from .annotations import reference_mask, source_info, source_sha256
 from .images import IMAGE_EXTENSIONS, open_image
-from .manifest import SPLITS, Manifest, ManifestEntry
+from .manifest import SPLITS, AnnotationRef, Manifest, ManifestEntry
 
 ProgressArg = Union[None, bool, Callable[[int, int], None]]
 
@@ -68,6 +80,11 @@ class ValidationReport:
     min_size: Optional[tuple[int, int]] = None
     max_size: Optional[tuple[int, int]] = None
     warnings: list[str] = field(default_factory=list)
+    #: images per size ``"WxH"`` and per Pillow mode
+    sizes: dict[str, int] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+    #: groups of rows with the same image content: ``{"sha256", "paths", "splits"}``
+    duplicates: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,43 +104,84 @@ class ValidationReport:
 class _RowResult:
     problems: list[tuple[str, str]]
     size: Optional[tuple[int, int]]
+    mode: Optional[str] = None
+    sha: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def _check_image_file(path: Path, decode: bool, what: str = "image") -> tuple[
     Optional[tuple[int, int]], Optional[str]
 ]:
     """(size, None) when fine, else (None, problem)."""
+    size, _, problem = _image_info(path, decode, what)
+    return size, problem
+
+
+def _image_info(path: "Path | AnnotationRef", decode: bool, what: str = "image") -> tuple[
+    Optional[tuple[int, int]], Optional[str], Optional[str]
+]:
+    """(size, mode, None) when fine, else (None, None, problem)."""
+    if isinstance(path, AnnotationRef):
+        try:
+            size, mode = source_info(path, decode)
+        except DataValidationError as exc:
+            return None, None, exc.problem
+        return size, mode, None
     if not path.exists():
-        return None, f"{what} file not found"
+        return None, None, f"{what} file not found"
     if path.is_dir():
-        return None, f"is a directory, expected an {what} file"
+        return None, None, f"is a directory, expected an {what} file"
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return None, (
+        return None, None, (
             f"not an {what} file (extension {path.suffix or '(none)'!r}; accepted: "
             f"{', '.join(IMAGE_EXTENSIONS)}); remove it from the dataset folder"
         )
     try:
         img = open_image(path, decode=decode)
     except DataValidationError as exc:
-        return None, exc.problem
+        return None, None, exc.problem
     with img:
-        return img.size, None
+        return img.size, img.mode, None
+
+
+def _check_mask(src: "Path | AnnotationRef", decode: bool) -> tuple[Optional[tuple[int, int]], Optional[str], int]:
+    """(size, problem, annotation points outside the image) of a mask file or reference."""
+    if isinstance(src, AnnotationRef):
+        try:
+            mask, outside = reference_mask(src)
+        except DataValidationError as exc:
+            return None, exc.problem, 0
+        return (mask.shape[1], mask.shape[0]), None, outside
+    size, problem = _check_image_file(src, decode, what="mask")
+    return size, problem, 0
 
 
 def _check_row(manifest: Manifest, e: ManifestEntry, decode: bool) -> _RowResult:
     problems: list[tuple[str, str]] = []
-    img_path = manifest.abspath(e.path)
+    warnings: list[str] = []
+    src = manifest.source(e.path)
+    img_path = src if isinstance(src, AnnotationRef) else manifest.abspath(e.path)
     if e.label not in (0, 1):
         problems.append((str(img_path), f"label must be 0 (normal) or 1 (anomalous), not {e.label!r}"))
     if e.split not in SPLITS:
         problems.append((str(img_path), f"split must be one of {SPLITS}, not {e.split!r}"))
-    size, problem = _check_image_file(img_path, decode)
+    size, mode, problem = _image_info(src, decode)
+    sha = None
     if problem:
         problems.append((str(img_path), problem))
+    else:
+        try:
+            sha = source_sha256(src)
+        except (OSError, DataValidationError):
+            sha = None
 
     if e.mask_path:
-        mask_path = manifest.abspath(e.mask_path)
-        msize, mproblem = _check_image_file(mask_path, decode, what="mask")
+        msrc = manifest.source(e.mask_path)
+        mask_path = msrc.file if isinstance(msrc, AnnotationRef) else msrc
+        msize, mproblem, outside = _check_mask(msrc, decode)
+        if outside:
+            warnings.append(f"{mask_path}: {outside} annotation point(s) outside the "
+                            f"{msize[0]}x{msize[1]} image {img_path}, clipped at the border")
         if mproblem:
             problems.append((str(mask_path), f"{mproblem} (mask of {img_path})"))
         elif size is not None and msize != size:
@@ -139,7 +197,7 @@ def _check_row(manifest: Manifest, e: ManifestEntry, decode: bool) -> _RowResult
             "masks, so every anomalous image needs one (e.g. "
             f"ground_truth/{e.defect_type}/{Path(e.path).stem}_mask.png)",
         ))
-    return _RowResult(problems, size)
+    return _RowResult(problems, size, mode, sha, warnings)
 
 
 def _progress_callback(progress: ProgressArg, total: int):
@@ -160,12 +218,14 @@ def validate_manifest(
     check_decode: bool = True,
     progress: ProgressArg = None,
     workers: int = 2,
+    allow_duplicates: bool = False,
 ) -> ValidationReport:
     """Validate every row of ``manifest``; raise :class:`DatasetInvalid` listing all problems.
 
     ``check_decode`` fully decodes every image and mask (detects truncation); without it
     only headers are read (size checks still work). ``progress``: ``True`` for a rich
-    progress bar, or a callable ``f(done, total)``.
+    progress bar, or a callable ``f(done, total)``. ``allow_duplicates``: the same image
+    content in train and test is a warning instead of an error.
     """
     entries = manifest.entries
     problems: list[tuple[str, str]] = []
@@ -186,10 +246,37 @@ def validate_manifest(
     finally:
         close()
     sizes = []
-    for res in results:
+    size_counts: Counter = Counter()
+    mode_counts: Counter = Counter()
+    row_warnings: list[str] = []
+    by_sha: dict[str, list[ManifestEntry]] = {}
+    for e, res in zip(entries, results):
         problems.extend(res.problems)
+        row_warnings.extend(res.warnings)
         if res.size is not None:
             sizes.append(res.size)
+            size_counts[f"{res.size[0]}x{res.size[1]}"] += 1
+        if res.mode is not None:
+            mode_counts[res.mode] += 1
+        if res.sha is not None:
+            by_sha.setdefault(res.sha, []).append(e)
+
+    duplicates: list[dict] = []
+    leak_warnings: list[str] = []
+    for sha, rows in sorted(by_sha.items()):
+        if len({r.path for r in rows}) < 2:
+            continue
+        duplicates.append({"sha256": sha, "paths": [r.path for r in rows], "splits": sorted({r.split for r in rows})})
+        train = [r for r in rows if r.split == "train"]
+        for r in rows:
+            if r.split == "test" and train:
+                msg = (f"same image content (sha256 {sha[:12]}...) as training image {train[0].path}: "
+                       "an image in both the train and the test split leaks into evaluation")
+                if allow_duplicates:
+                    leak_warnings.append(f"{r.path}: {msg} (allowed)")
+                else:
+                    problems.append((str(manifest.abspath(r.path)), msg + "; remove one copy, or allow it with "
+                                                                          "allow_duplicates (--allow-duplicates)"))
 
     n_train_normal = sum(1 for e in entries if e.split == "train" and e.label == 0)
     if n_train_normal == 0:
@@ -222,6 +309,8 @@ def validate_manifest(
         warnings.append(
             f"{counts['train']['1']} anomalous images in the train split are not used for training"
         )
+    warnings.extend(row_warnings)
+    warnings.extend(leak_warnings)
 
     return ValidationReport(
         root=str(manifest.root),
@@ -234,4 +323,7 @@ def validate_manifest(
         min_size=min(sizes, key=lambda s: (s[0] * s[1], s)) if sizes else None,
         max_size=max(sizes, key=lambda s: (s[0] * s[1], s)) if sizes else None,
         warnings=warnings,
+        sizes=dict(sorted(size_counts.items())),
+        modes=dict(sorted(mode_counts.items())),
+        duplicates=duplicates,
     )

@@ -1,5 +1,6 @@
 """ingest: fetch (local folder, s3:// prefix, DVC repository path), validate and hash a
-dataset into ``manifest.json`` + ``ingest.json``."""
+dataset into ``manifest.json`` + ``ingest.json`` + ``dataset_card.json`` (the report of
+``recontrast data check``, also logged to MLflow as ``ingest/dataset_card.json``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..config import PipelineConfig
-from ..data.layouts import read_dataset
+from ..data.layouts import PATH_OPTIONS, read_dataset, resolve_layout
+from ..data.report import DATASET_CARD_FILE, dataset_report
 from ..data.validate import validate_manifest
 from ..mlops.storage import download_s3_prefix, fetch_dvc_path, redacted_uri
 from ..runtime import atomic_write_json, ensure_output_dir
@@ -17,11 +19,12 @@ from .tracked import log_artifacts, step_tracking
 
 
 def _resolve_layout_options(options: Optional[Mapping[str, Any]], root: Path) -> dict:
-    """Folder-layout options (normal_dir, abnormal_dir, mask_dir) relative to the dataset."""
+    """Path-valued layout options (``layouts.PATH_OPTIONS``: normal_dir, abnormal_dir,
+    mask_dir, annotations, images, split_csv) made absolute, relative to the dataset root."""
     out = dict(options or {})
-    for key in ("normal_dir", "abnormal_dir", "mask_dir"):
-        if out.get(key) and not Path(out[key]).is_absolute():
-            out[key] = str(root / out[key])
+    for key in PATH_OPTIONS:
+        if out.get(key) and not Path(str(out[key])).is_absolute():
+            out[key] = str(root / str(out[key]))
     return out
 
 
@@ -47,6 +50,7 @@ def ingest(
     d, tracking = settings.data, settings.tracking
     source, layout, dvc_repo, dvc_rev = d.source, d.layout, d.dvc_repo, d.dvc_rev
     s3_endpoint_url, copy_local, check_decode, layout_options = d.s3_endpoint_url, d.copy_local, d.check_decode, d.layout_options
+    allow_duplicates = d.allow_duplicates
 
     out = ensure_output_dir(out_dir).resolve()
     data_dir = out / DATA_DIR
@@ -84,14 +88,20 @@ def ingest(
         "layout": layout,
         "dvc_rev": dvc_rev,
         "check_decode": check_decode,
+        **({"allow_duplicates": True} if allow_duplicates else {}),
         **({"layout_options": dict(layout_options)} if layout_options else {}),
     }
     with step_tracking("ingest", pipeline_run_id, tracking, params=params,
                         dvc_rev=commit or dvc_rev) as run_id:
-        manifest = read_dataset(local, layout=layout, **_resolve_layout_options(layout_options, local))
-        report = validate_manifest(manifest, check_decode=check_decode, progress=progress)
+        options = _resolve_layout_options(layout_options, local)
+        layout_read = resolve_layout(local, layout, options)
+        manifest = read_dataset(local, layout=layout_read, **options)
+        report = validate_manifest(manifest, check_decode=check_decode, progress=progress,
+                                   allow_duplicates=allow_duplicates)
         manifest = manifest.with_hashes()
         mpath = manifest.save(out / MANIFEST_FILE)
+        card = dataset_report(manifest, report, layout=layout_read, source=dataset_uri)
+        atomic_write_json(out / DATASET_CARD_FILE, card)
         counts = {
             "n_images": len(manifest),
             "train_normal": int(report.counts["train"]["0"]),
@@ -127,4 +137,5 @@ def ingest(
             )
             mlflow_tracking.log_metrics({f"data/{k}": v for k, v in counts.items()}, run_id)
             log_artifacts(run_id, out / INGEST_FILE, "ingest", tracking)
+            log_artifacts(run_id, out / DATASET_CARD_FILE, "ingest", tracking)
     return mpath

@@ -97,9 +97,21 @@ def apply_overrides(base: Union[BaseModel, Mapping[str, Any], None], overrides: 
         raise UserError(f"invalid settings: {msg}") from exc
 
 
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def profile_path(name: str) -> Optional[Path]:
+    """The packaged settings profile called ``name`` (``recontrast_core/profiles/<name>.yaml``)."""
+    path = PROFILES_DIR / f"{name}.yaml"
+    return path if path.is_file() and "/" not in name else None
+
+
 def load_settings(params: Optional[PathLike] = None, overrides: Overrides = None) -> PipelineConfig:
-    """``params.yaml`` (a serialised :class:`PipelineConfig`; defaults when None) plus overrides."""
+    """``params`` (a params.yaml: a whole or partial serialised :class:`PipelineConfig`, or
+    the name of a packaged profile such as ``cpu``; defaults when None) plus overrides."""
     base: Optional[Mapping[str, Any]] = None
+    if params is not None and not Path(params).exists() and profile_path(str(params)) is not None:
+        params = profile_path(str(params))
     if params is not None:
         path = Path(params)
         try:

@@ -376,7 +376,7 @@ def test_read_dataset_dispatch(tiny_mvtec, tmp_path, write_image):
     assert [e.path for e in m.entries] == ["a.png"]
     assert read_dataset(tmp_path / "flat", layout="folder", test_fraction=0.0).entries == m.entries
     with pytest.raises(UserError, match="unknown dataset layout"):
-        read_dataset(tiny_mvtec, layout="coco")
+        read_dataset(tiny_mvtec, layout="yolo")
     with pytest.raises(DataValidationError, match="not found"):
         read_dataset(tmp_path / "nope")
 

@@ -1,0 +1,452 @@
+"""Export a bundle's whole scoring graph to ONNX or OpenVINO, and score with the exported files.
+
+The exported graph is everything :meth:`recontrast_core.bundle.Detector.predict` does after
+:func:`~recontrast_core.bundle.to_model_input` (decode, RGB, square resize), in fp32:
+
+``image`` uint8 [N,3,S,S] RGB (resized by the caller, 0..255)
+  -> /255, (x - mean) / std (the bundle's input statistics)
+  -> both encoder copies, fusion bottleneck, decoder, the two 1x1 heads
+  -> the six (target, head) ``1 - cos`` maps, bilinear upsample to S (align_corners), summed
+  -> Gaussian blur (the bundle's sigma, truncate 4, scipy ``reflect`` edges): two fixed
+     1-D convolutions, the edge padding a fixed index gather (no flip, no data-dependent ops)
+  -> ``anomaly_map`` float32 [N,S,S]
+  -> ``score`` float32 [N]: the map's max, or the mean of its top-k (k fixed at export)
+  -> ``normalized_score`` float32 [N]: the calibration's piecewise-linear map
+     (lo -> 0, threshold -> 0.5, hi -> 1, clipped)
+  -> ``decision`` bool [N]: ``score >= threshold`` (equivalently ``normalized_score >= 0.5``)
+
+The batch axis is dynamic; the image size is fixed (the bundle's). Why uint8 in: it is
+exactly what :func:`to_model_input` produces, so the only preprocessing left to a caller is
+"decode, RGB, resize to SxS (PIL bilinear, antialiased)", and the input statistics cannot be
+applied twice or forgotten. The preprocessing, the calibration and the versions are written
+into the model (ONNX ``metadata_props``; OpenVINO ``rt_info`` under ``recontrast``) and into
+``export.json`` beside it.
+
+The threshold is stored in the graph as the smallest float32 >= the bundle's float64
+threshold, so for a float32 score the graph's decision equals the bundle's
+``score >= threshold`` exactly.
+
+:class:`OnnxDetector` / :class:`OpenVinoDetector` (or :func:`load_exported`) read the files
+back and return the same dicts as ``Detector.predict``. onnx, onnxruntime and openvino come
+with the ``export`` extra (``pip install 'recontrast[export]'``) and are imported on use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .errors import UserError
+from .inference import anomaly_map, gaussian_kernel1d, image_scores
+
+EXPORT_FORMAT = "recontrast-export/1"
+FORMATS = ("onnx", "openvino")
+ONNX_FILE = "model.onnx"
+OPENVINO_FILE = "model.xml"  # + model.bin
+META_FILE = "export.json"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score", "decision")
+OPSET = 17
+EXTRA = "export"
+RT_INFO_ROOT = "recontrast"  # OpenVINO rt_info section holding the metadata
+# The largest float32 below 0.5 (calibration's _BELOW_HALF, in the graph's precision).
+_BELOW_HALF_F32 = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+
+
+class MissingExportDependency(UserError):
+    """onnx / onnxruntime / openvino is not installed: names the extra to install."""
+
+
+def require(module: str):
+    """Import ``module`` or raise a one-line :class:`MissingExportDependency` naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExportDependency(
+            f"{module} is not installed: exporting and scoring exported models need the "
+            f"'{EXTRA}' extra (pip install 'recontrast[{EXTRA}]'); {type(exc).__name__}: {exc}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# the graph
+# ---------------------------------------------------------------------------------------
+def symmetric_pad_index(n: int, r: int) -> torch.Tensor:
+    """Indices that pad a length-``n`` axis by ``r`` on each side exactly as
+    :func:`recontrast_core.inference.gaussian_blur` does: scipy ``reflect`` (d c b a | a b c d,
+    the edge repeated) when ``r <= n``, else the edge replicated."""
+    if r <= n:
+        idx = list(range(r - 1, -1, -1)) + list(range(n)) + list(range(n - 1, n - 1 - r, -1))
+    else:
+        idx = [0] * r + list(range(n)) + [n - 1] * r
+    return torch.tensor(idx, dtype=torch.long)
+
+
+class GaussianBlur(nn.Module):
+    """The blur of :func:`recontrast_core.inference.gaussian_blur` on [N,H,W] maps of a fixed
+    size, as exportable ops: a gather with fixed indices (the reflect padding) and a fixed
+    1-D convolution, once along the width and once along the height."""
+
+    def __init__(self, sigma: float, size: int):
+        super().__init__()
+        self.enabled = sigma > 0
+        k = gaussian_kernel1d(sigma, "cpu") if self.enabled else torch.ones(1)
+        r = (k.numel() - 1) // 2
+        self.register_buffer("kernel_w", k.view(1, 1, 1, -1).clone(), persistent=False)
+        self.register_buffer("kernel_h", k.view(1, 1, -1, 1).clone(), persistent=False)
+        self.register_buffer("index", symmetric_pad_index(size, r), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return maps
+        x = maps.unsqueeze(1)
+        x = F.conv2d(torch.index_select(x, 3, self.index), self.kernel_w)
+        x = F.conv2d(torch.index_select(x, 2, self.index), self.kernel_h)
+        return x[:, 0]
+
+
+def _float32_at_or_above(value: float) -> float:
+    """The smallest float32 >= ``value`` (a float32 score passes it iff it passes ``value``)."""
+    v = np.float32(value)
+    if float(v) < value:
+        v = np.nextafter(v, np.float32(np.inf))
+    return float(v)
+
+
+class CalibrationMap(nn.Module):
+    """:func:`recontrast_core.calibration.normalise` and ``decide`` in float32:
+    score [N] -> (normalized [N]: lo -> 0, threshold -> 0.5, hi -> 1, clipped; decision [N])."""
+
+    def __init__(self, calibration):
+        super().__init__()
+        cal = calibration
+        self.threshold = _float32_at_or_above(cal.threshold)
+        self.lo = float(np.float32(cal.lo))
+        # the slopes in float64, rounded once to float32 constants
+        self.below_scale = float(np.float32(0.5 / (cal.threshold - cal.lo)))
+        self.above_scale = float(np.float32(0.5 / (cal.hi - cal.threshold)))
+
+    def forward(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decision = score >= self.threshold
+        below = torch.clamp((score - self.lo) * self.below_scale, max=_BELOW_HALF_F32)
+        above = (score - self.threshold) * self.above_scale + 0.5
+        return torch.clamp(torch.where(decision, above, below), 0.0, 1.0), decision
+
+
+class ScoringGraph(nn.Module):
+    """A loaded :class:`~recontrast_core.bundle.Detector` as one fp32 module:
+    uint8 [N,3,S,S] -> (anomaly_map [N,S,S], score [N], normalized_score [N], decision [N])."""
+
+    def __init__(self, detector):
+        super().__init__()
+        model = detector.model
+        self.model = model
+        self.size = int(detector.image_size)
+        stats = model.encoder.stats
+        self.register_buffer("mean", torch.tensor(stats.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(stats.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.inference = detector.inference
+        self.blur = GaussianBlur(detector.inference.gaussian_sigma, self.size)
+        self.calibration = CalibrationMap(detector.calibration)
+
+    def forward(self, image: torch.Tensor):
+        x = image.to(torch.float32) / 255.0  # the operations and order of data.cache.normalize
+        x = (x - self.mean) / self.std
+        frozen, feats, head1, head2 = self.model(x)
+        maps = anomaly_map(frozen, feats, head1, head2, (self.size, self.size))
+        maps = self.blur(maps)
+        score = image_scores(maps, self.inference)
+        normalized, decision = self.calibration(score)
+        return maps, score, normalized, decision
+
+
+# ---------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------
+def export_metadata(detector, bundle_dir: Path, fmt: str) -> dict[str, str]:
+    """What a consumer needs to feed and read the exported graph: string values (JSON for
+    structured ones), written as ONNX metadata_props / OpenVINO rt_info / export.json."""
+    meta = detector.meta
+    pre = meta.get("preprocessing") or {}
+    stats = detector.model.encoder.stats
+    cal = detector.calibration
+    size = detector.image_size
+    values: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "backend": fmt,
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bundle": str(Path(bundle_dir).resolve()),
+        "bundle_format": meta.get("format"),
+        "bundle_library_version": meta.get("library_version"),
+        "bundle_created": meta.get("created"),
+        "dataset_fingerprint": meta.get("dataset_fingerprint"),
+        "backbone": detector.config.backbone.name,
+        "image_size": size,
+        "input": f"{INPUT_NAME}: uint8 [N,3,{size},{size}] RGB, 0..255, already resized; "
+                 "the normalisation below is inside the graph",
+        "resize": pre.get("resize", "square, PIL bilinear with antialias"),
+        "color": pre.get("color", "RGB (grayscale replicated, alpha dropped, 16-bit scaled >> 8)"),
+        "normalisation": "x / 255, then (x - mean) / std per channel (inside the graph)",
+        "mean": list(stats.mean),
+        "std": list(stats.std),
+        "outputs": {
+            "anomaly_map": f"float32 [N,{size},{size}], blurred (sigma {detector.inference.gaussian_sigma})",
+            "score": f"float32 [N], {_score_rule(detector.inference, size)}",
+            "normalized_score": "float32 [N] in [0, 1]; 0.5 = the threshold",
+            "decision": "bool [N]: score >= threshold",
+        },
+        "inference": detector.inference.model_dump(mode="json"),
+        "precision": "fp32",
+        "threshold": repr(cal.threshold),
+        "threshold_float32": repr(_float32_at_or_above(cal.threshold)),
+        "calibration": cal.to_dict(),
+    }
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+
+
+def _score_rule(inference, size: int) -> str:
+    if inference.score == "max":
+        return "the map's max"
+    k = max(1, int(math.ceil(size * size * inference.topk_fraction)))
+    return f"mean of the map's top {k} values (top {inference.topk_fraction:g})"
+
+
+def parse_metadata(values: dict[str, str]) -> dict[str, Any]:
+    """The metadata strings back to values (JSON where it parses, else the string)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------
+def _load(bundle_dir) -> Any:
+    from .bundle import load_detector
+
+    detector = load_detector(bundle_dir, device="cpu")
+    detector.model.to(memory_format=torch.contiguous_format).float().eval()
+    return detector
+
+
+def _write_onnx(detector, path: Path, metadata: dict[str, str], opset: int = OPSET) -> Path:
+    """Trace the :class:`ScoringGraph` to ``path`` (dynamic batch) and attach ``metadata``."""
+    onnx = require("onnx")
+    graph = ScoringGraph(detector).eval()
+    size = detector.image_size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings: shapes read as Python ints are constants in the graph, which is
+        # right here (the image size is fixed; the batch axis is dynamic by dynamic_axes).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "recontrast"
+    proto.producer_version = __version__
+    proto.doc_string = "ReContrast anomaly scoring graph; see metadata_props (input, mean, std, resize, threshold)"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def export_bundle(bundle_dir: Union[str, Path], out_dir: Union[str, Path], fmt: str = "onnx") -> Path:
+    """Export the bundle's scoring graph to ``out_dir`` (``model.onnx``, or ``model.xml`` +
+    ``model.bin`` for OpenVINO) with ``export.json``; returns the model file. Raises
+    :class:`UserError` (one line) for an unknown format, a folder that is not a bundle, a
+    missing extra or an unwritable ``out_dir``, before any work."""
+    from .bundle import read_bundle_meta
+    from .runtime import atomic_write_json, ensure_output_dir
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    read_bundle_meta(Path(bundle_dir))  # not a bundle: one line, nothing else done
+    require("onnx")
+    require("onnxruntime")
+    if fmt == "openvino":
+        require("openvino")
+    out = ensure_output_dir(out_dir, "export folder")
+    detector = _load(bundle_dir)
+    metadata = export_metadata(detector, Path(bundle_dir), fmt)
+    if fmt == "onnx":
+        model_path = _write_onnx(detector, out / ONNX_FILE, metadata)
+        files = [ONNX_FILE]
+    else:
+        ov = require("openvino")
+        with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out) as tmp:
+            onnx_path = _write_onnx(detector, Path(tmp) / ONNX_FILE, metadata)
+            model = ov.convert_model(str(onnx_path))
+        for key, value in metadata.items():
+            model.set_rt_info(value, [RT_INFO_ROOT, key])
+        model_path = out / OPENVINO_FILE
+        # fp32 weights: OpenVINO compresses them to fp16 by default, which is not the bundle
+        ov.save_model(model, str(model_path), compress_to_fp16=False)
+        files = [OPENVINO_FILE, Path(OPENVINO_FILE).with_suffix(".bin").name]
+    atomic_write_json(out / META_FILE, {**parse_metadata(metadata), "files": files,
+                                        "input_name": INPUT_NAME, "output_names": list(OUTPUT_NAMES)})
+    return model_path
+
+
+def export_onnx(bundle_dir, out_dir) -> Path:
+    """``out_dir/model.onnx`` (+ ``export.json``)."""
+    return export_bundle(bundle_dir, out_dir, "onnx")
+
+
+def export_openvino(bundle_dir, out_dir) -> Path:
+    """``out_dir/model.xml`` + ``model.bin`` (+ ``export.json``), converted from the ONNX graph."""
+    return export_bundle(bundle_dir, out_dir, "openvino")
+
+
+# ---------------------------------------------------------------------------------------
+# scoring with the exported files
+# ---------------------------------------------------------------------------------------
+class _ExportedDetector:
+    """Common part: preprocessing (``to_model_input``), batching, result dicts."""
+
+    metadata: dict[str, Any]
+    batch_size: int = 16
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score_uint8(self, images: Union[np.ndarray, torch.Tensor], batch_size: Optional[int] = None):
+        """uint8 [N,3,S,S] -> (maps [N,S,S], scores [N], normalized [N], decisions [N]) as numpy."""
+        from .data.cache import batch_slices
+
+        arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (3, self.image_size, self.image_size):
+            raise UserError(f"expected uint8 [N,3,{self.image_size},{self.image_size}], got {arr.dtype} {list(arr.shape)}")
+        parts = [self.run(np.ascontiguousarray(arr[s])) for s in batch_slices(arr.shape[0], batch_size or self.batch_size)]
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+    def predict(self, images: Iterable[Union[str, Path, np.ndarray]], return_map: bool = False) -> list[dict[str, Any]]:
+        """Image paths or arrays -> ``{"score", "normalized_score", "decision"}`` per image
+        (+ ``anomaly_map``), as :meth:`recontrast_core.bundle.Detector.predict`."""
+        from .bundle import to_model_input
+
+        arrays = [to_model_input(img, self.image_size) for img in images]
+        if not arrays:
+            return []
+        return self.predict_uint8(np.stack(arrays), return_map)
+
+    def predict_uint8(self, batch, return_map: bool = False) -> list[dict[str, Any]]:
+        maps, scores, norm, flags = self.score_uint8(batch)
+        out = []
+        for i in range(len(scores)):
+            row = {"score": float(scores[i]), "normalized_score": float(norm[i]), "decision": bool(flags[i])}
+            if return_map:
+                row["anomaly_map"] = maps[i]
+            out.append(row)
+        return out
+
+
+def _model_file(path: Union[str, Path], name: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise UserError(f"{path}: exported model not found (expected {name} from `recontrast export`)")
+    return path
+
+
+class OnnxDetector(_ExportedDetector):
+    """Scores with ``model.onnx`` (a file or its export folder) through onnxruntime (CPU)."""
+
+    def __init__(self, path: Union[str, Path], threads: Optional[int] = None, batch_size: int = 16):
+        ort = require("onnxruntime")
+        self.path = _model_file(path, ONNX_FILE)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # corrupt or foreign file: one line
+            raise UserError(f"{self.path}: not a loadable ONNX model ({type(exc).__name__})") from None
+        self.metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map)
+        if self.metadata.get("format") != EXPORT_FORMAT:
+            raise UserError(f"{self.path}: not a recontrast export (metadata format {self.metadata.get('format')!r})")
+        self.batch_size = batch_size
+
+    def run(self, batch: np.ndarray):
+        return tuple(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
+
+
+class OpenVinoDetector(_ExportedDetector):
+    """Scores with ``model.xml`` (a file or its export folder) through OpenVINO on the CPU,
+    fp32 (OpenVINO would otherwise pick bf16 on CPUs that have it)."""
+
+    def __init__(self, path: Union[str, Path], threads: Optional[int] = None, batch_size: int = 16,
+                 device: str = "CPU"):
+        ov = require("openvino")
+        self.path = _model_file(path, OPENVINO_FILE)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as exc:
+            raise UserError(f"{self.path}: not a loadable OpenVINO model ({type(exc).__name__})") from None
+        self.metadata = parse_metadata(_rt_info(model))
+        if self.metadata.get("format") != EXPORT_FORMAT:
+            raise UserError(f"{self.path}: not a recontrast export (rt_info format {self.metadata.get('format')!r})")
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, device, config)
+        self.outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
+        self.request = self.compiled.create_infer_request()
+        self.batch_size = batch_size
+
+    def run(self, batch: np.ndarray):
+        result = self.request.infer({INPUT_NAME: batch})
+        return tuple(np.array(result[o]) for o in self.outputs)
+
+
+def _rt_info(model) -> dict[str, str]:
+    if not model.has_rt_info([RT_INFO_ROOT]):
+        return {}
+    section = model.get_rt_info([RT_INFO_ROOT])
+    data = section.astype(dict) if hasattr(section, "astype") else dict(section)
+    return {str(k): str(v.astype(str) if hasattr(v, "astype") else v) for k, v in data.items()}
+
+
+def load_exported(path: Union[str, Path], **kwargs) -> _ExportedDetector:
+    """An :class:`OnnxDetector` or :class:`OpenVinoDetector` for an export folder or model file."""
+    path = Path(path)
+    if path.suffix == ".onnx" or (path.is_dir() and (path / ONNX_FILE).is_file()):
+        return OnnxDetector(path, **kwargs)
+    if path.suffix == ".xml" or (path.is_dir() and (path / OPENVINO_FILE).is_file()):
+        return OpenVinoDetector(path, **kwargs)
+    raise UserError(f"{path}: no exported model ({ONNX_FILE} or {OPENVINO_FILE}) found")
