@@ -13,7 +13,11 @@ candidate only if
    same data: ``mlops.registry`` re-evaluates the champion when needed);
 4. no secondary metric is worse than the champion's by more than ``secondary_tolerance``.
 
-Only metrics both models have are compared; all metrics are higher-is-better.
+Only metrics both models have are compared; all metrics are higher-is-better. On
+normal-only evaluation data (no real anomalies, hence no AUROC) the primary metric falls
+back to ``synthetic_image_auroc`` (its floor is the primary metric's), for the candidate,
+the baseline and the champion alike; a champion without it is not comparable and the
+candidate is not promoted over it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 BASELINE_PREFIX = "baseline_"  # evaluation writes the baseline's metrics as baseline_<name>
+# Evaluation on normal-only data reports no AUROC; the rule then falls back to this one.
+FALLBACK_PRIMARY = "synthetic_image_auroc"
 
 
 class PromotionPolicy(BaseModel):
@@ -81,9 +87,16 @@ def decide_promotion(
     """
     p = policy.primary_metric
     cand = metric_value(candidate_metrics, p)
+    if cand is None and metric_value(candidate_metrics, FALLBACK_PRIMARY) is not None:
+        # Normal-only evaluation data: no real anomalies, so no AUROC. Floors and comparison
+        # then use what both models have: the AUROC against synthesised anomalies.
+        p, cand = FALLBACK_PRIMARY, metric_value(candidate_metrics, FALLBACK_PRIMARY)
+        floors = {FALLBACK_PRIMARY: policy.floors[policy.primary_metric]} if policy.primary_metric in policy.floors else {}
+    else:
+        floors = dict(policy.floors)
     if cand is None:
         return Decision(False, f"candidate has no {p}")
-    for key, floor in sorted(policy.floors.items()):
+    for key, floor in sorted(floors.items()):
         value = metric_value(candidate_metrics, key)
         if value is None:
             return Decision(False, f"candidate has no {key} (floor {floor:g})")

@@ -96,3 +96,15 @@ def test_registry_config_is_the_policy_plus_a_model_name():
     cfg = RegistryConfig(model_name="m", margin=0.01)
     assert cfg.policy() == PromotionPolicy(margin=0.01)  # the same defaults, one place
     assert "model_name" not in cfg.to_dict()
+
+
+def test_normal_only_evaluations_compare_the_synthetic_auroc_both_have():
+    policy = PromotionPolicy(floors={"image_auroc": 0.7})
+    cand = {"synthetic_image_auroc": 0.93, "baseline_synthetic_image_auroc": 0.90, "fpr_at_threshold": 0.01}
+    d = decide_promotion(cand, None, policy)
+    assert d.promote and "synthetic_image_auroc" in d.reason
+    assert not decide_promotion({**cand, "synthetic_image_auroc": 0.6}, None, policy).promote  # the floor carries over
+    assert not decide_promotion({**cand, "synthetic_image_auroc": 0.85}, None, policy).promote  # below the baseline
+    assert decide_promotion(cand, {"synthetic_image_auroc": 0.90}, policy).promote
+    assert not decide_promotion(cand, {"image_auroc": 0.95}, policy).promote  # nothing in common: not comparable
+    assert not decide_promotion({"fpr_at_threshold": 0.0}, None, policy).promote  # nothing to rank on
