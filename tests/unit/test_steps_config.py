@@ -260,3 +260,11 @@ def test_public_api_resolves_every_name() -> None:
     assert rc.TrainConfig is TrainConfig and rc.load_detector.__module__ == "recontrast_core.bundle"
     with pytest.raises(AttributeError):
         rc.no_such_name  # noqa: B018
+
+
+def test_packaged_cpu_profile_loads_by_name_and_overrides_apply_on_top() -> None:
+    cfg = load_settings("cpu", ["train.iterations=50"])
+    assert (cfg.train.image_size, cfg.train.decoder_blocks, cfg.train.bottleneck_blocks) == (160, (1, 1, 1), 1)
+    assert cfg.train.iterations == 50 and cfg.train.lr_decoder == TrainConfig().lr_decoder
+    with pytest.raises(UserError, match="no-such-profile"):
+        load_settings("no-such-profile")
