@@ -360,6 +360,8 @@ def test_cli_status_promote_rollback(client, tmp_path, mlflow_server):
         "model_name": name, "version": v2, "promoted": False, "reason": ""}
     r = runner.invoke(registry_app, ["promote", v2, *common])  # forced needs a reason
     assert r.exit_code == 2 and "reason" in r.output
+    r = runner.invoke(registry_app, ["promote", "abc", "--reason", "x", *common])  # not a version number
+    assert r.exit_code == 2 and "version must be a number" in r.output and "Traceback" not in r.output
     r = runner.invoke(registry_app, ["promote", v2, "--reason", "manual override", "--json", *common])
     assert r.exit_code == 0 and json.loads(r.stdout)["promoted"] is True
     r = runner.invoke(registry_app, ["status", "--json", *common])
