@@ -9,9 +9,10 @@ a real ``mlflow server``, a moto S3 server and a small TCP proxy in front of it 
 connections, answers 500 and stalls.
 
 * **kill**: a small real training run (`recontrast train`, tiny subset of
-  magnetic-tile-dev, checkpoints every 2 iterations) killed with SIGKILL at a random moment,
-  with writes slowed (``RECONTRAST_FAILPOINT_WRITE_SLEEP``) so that some kills land inside
-  a checkpoint write; then resumed (``--resume``) to the end. Each trial must end with the
+  magnetic-tile-dev, checkpoints every 2 iterations) killed with SIGKILL at a random moment
+  (after the k-th checkpoint write started, k in 1..5, plus a random delay), with writes
+  slowed (``RECONTRAST_FAILPOINT_WRITE_SLEEP``) so that some kills land inside a checkpoint
+  write; then resumed (``--resume``) to the end. Each trial must end with the
   uninterrupted run's weights and reported final loss.
 * **register**: N threads register the same pipeline run at once: exactly one version.
 * **sequences**: random candidates (random metrics), then random concurrent gated
@@ -100,15 +101,24 @@ def kill_trials(n: int, work: Path, seed: int = 0, write_sleep: float = 0.4) -> 
         run_dir = work / f"kill-{i}"
         shutil.rmtree(run_dir, ignore_errors=True)
         proc = _cli("train", data, "--out", run_dir, *TRAIN_ARGS, env=env, start_new_session=True)
-        delay = rng.uniform(0.45, 1.0) * ref_wall  # after start-up, while it trains (writes are slowed)
-        try:
-            proc.wait(timeout=delay)
-            killed = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed = True
         ckpt_dir = run_dir / "checkpoints"
+        # A random moment anchored to progress, not to the clock (a busy machine runs slower):
+        # after the k-th checkpoint write has started (its temp file appears) plus a random
+        # delay within one slowed write, so some kills land inside a write and some between.
+        k, extra = rng.randint(1, 5), rng.uniform(0.0, 2 * write_sleep)
+        seen, t0, delay = set(), time.perf_counter(), None
+        while proc.poll() is None and delay is None:
+            if ckpt_dir.is_dir():
+                seen.update(p.name for p in ckpt_dir.glob(".last.pt.*.tmp"))
+            if len(seen) >= k:
+                time.sleep(extra)
+                delay = time.perf_counter() - t0
+            time.sleep(0.02)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        delay = delay if delay is not None else time.perf_counter() - t0
         temps = [p.name for p in ckpt_dir.glob(".*.tmp")] if ckpt_dir.is_dir() else []
         resumes = 0
         while not (run_dir / "bundle" / "bundle.json").is_file():
