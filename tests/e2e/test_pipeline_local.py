@@ -268,8 +268,13 @@ def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_s
     assert reg_run.data.tags["promotion_decision"] == "promoted"
 
     # -- the registry: one version, champion, tagged with the run and the data
+    # the search index can lag the write on a loaded machine (seen once in a full run): poll
+    deadline = time.monotonic() + 30
     versions = client.search_model_versions(f"name = '{model_name}'")
-    assert [v.version for v in versions] == ["1"]
+    while not versions and time.monotonic() < deadline:
+        time.sleep(1)
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    assert [v.version for v in versions] == ["1"], client.get_model_version(model_name, "1")
     champion = client.get_model_version_by_alias(model_name, "champion")
     assert champion.version == "1"
     assert champion.tags["pipeline_run_id"] == run_id
