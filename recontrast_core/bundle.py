@@ -154,15 +154,20 @@ class Detector:
     def predict_uint8(self, batch: torch.Tensor, return_map: bool = False) -> list[dict[str, Any]]:
         """Preprocessed uint8 [N,3,S,S] (see :func:`to_model_input`) -> one result dict per image."""
         maps, scores = self.score_uint8(batch)
-        norm = normalise(scores, self.calibration)
-        flags = decide(scores, self.calibration)
-        out = []
-        for i in range(len(scores)):
-            row = {"score": float(scores[i]), "normalized_score": float(norm[i]), "decision": bool(flags[i])}
-            if return_map:
-                row["anomaly_map"] = maps[i]
-            out.append(row)
-        return out
+        return result_rows(maps, scores, normalise(scores, self.calibration), decide(scores, self.calibration),
+                           return_map)
+
+
+def result_rows(maps, scores, norm, flags, return_map: bool = False) -> list[dict[str, Any]]:
+    """One ``{"score", "normalized_score", "decision"[, "anomaly_map"]}`` dict per image:
+    the result format every scorer (torch, ONNX, OpenVINO) returns."""
+    out = []
+    for i in range(len(scores)):
+        row = {"score": float(scores[i]), "normalized_score": float(norm[i]), "decision": bool(flags[i])}
+        if return_map:
+            row["anomaly_map"] = maps[i]
+        out.append(row)
+    return out
 
 
 def to_model_input(image: Union[str, Path, np.ndarray], size: int) -> np.ndarray:

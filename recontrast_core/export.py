@@ -364,13 +364,9 @@ class _ExportedDetector:
 
     def predict_uint8(self, batch, return_map: bool = False) -> list[dict[str, Any]]:
         maps, scores, norm, flags = self.score_uint8(batch)
-        out = []
-        for i in range(len(scores)):
-            row = {"score": float(scores[i]), "normalized_score": float(norm[i]), "decision": bool(flags[i])}
-            if return_map:
-                row["anomaly_map"] = maps[i]
-            out.append(row)
-        return out
+        from .bundle import result_rows
+
+        return result_rows(maps, scores, norm, flags, return_map)
 
 
 def _model_file(path: Union[str, Path], name: str) -> Path:

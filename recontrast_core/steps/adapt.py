@@ -9,9 +9,8 @@ from typing import Optional, Union
 from ..adapt import run_adapt
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
-from ..mlops.storage import localize_weights
 from ..runtime import atomic_write_json, ensure_output_dir
-from .artifacts import ADAPT_SKIPPED_FILE, ENCODER_FILE, ENCODER_META_FILE, PathLike, load_manifest, select_shots
+from .artifacts import with_local_weights, ADAPT_SKIPPED_FILE, ENCODER_FILE, ENCODER_META_FILE, PathLike, load_manifest, select_shots
 from .settings import adapt_settings
 from .tracked import log_artifacts, step_tracking
 
@@ -28,9 +27,7 @@ def adapt(
     images (``settings.shots`` of them when set); returns ``encoder.safetensors`` (with
     ``encoder.json`` beside it)."""
     out = ensure_output_dir(out_dir)
-    cfg = adapt_settings(settings)
-    weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
-    cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})
+    cfg = with_local_weights(adapt_settings(settings), out)
     rows = select_shots(load_manifest(manifest), cfg.shots)
     with step_tracking("adapt", pipeline_run_id, settings.tracking, params={"adapt": cfg}) as run_id:
         t0 = time.perf_counter()

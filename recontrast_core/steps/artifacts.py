@@ -132,3 +132,12 @@ def bundle_run_id(bundle_dir: PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return "bundle-" + h.hexdigest()[:16]
+
+
+def with_local_weights(cfg, out_dir: PathLike):
+    """``cfg`` (a TrainConfig or AdaptConfig) with ``backbone.weights`` made local: an
+    ``s3://`` URI is downloaded into ``out_dir/.weights`` first (the core reads files only)."""
+    from ..mlops.storage import localize_weights
+
+    weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
+    return cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})

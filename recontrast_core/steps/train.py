@@ -7,10 +7,9 @@ from typing import Optional, Union
 
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
-from ..mlops.storage import localize_weights
 from ..runtime import ensure_output_dir
 from ..train import train_model
-from .artifacts import PathLike, find_encoder, load_manifest, select_shots
+from .artifacts import with_local_weights, PathLike, find_encoder, load_manifest, select_shots
 from .tracked import log_artifacts, step_tracking
 
 
@@ -31,9 +30,7 @@ def train(
     ``init_encoder``: an adapted encoder (file or adapt output folder; a skipped adapt
     output counts as none)."""
     out = ensure_output_dir(out_dir)
-    cfg = settings.train
-    weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
-    cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})
+    cfg = with_local_weights(settings.train, out)
     encoder = find_encoder(init_encoder)
     rows = select_shots(load_manifest(manifest), settings.shots).select(split="train")
     params = {"train": cfg, "inference": settings.inference, "calibration": settings.calibration,
