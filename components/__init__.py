@@ -11,8 +11,10 @@ from .image import DEFAULT_IMAGE, IMAGE
 from .ingest import ingest_op
 from .adapt import adapt_op
 from .train import train_op
+from .train_job import train_job_op
 from .evaluate import evaluate_op
 from .register import register_op
+from .batch_score import batch_score_op
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -20,6 +22,8 @@ __all__ = [
     "ingest_op",
     "adapt_op",
     "train_op",
+    "train_job_op",
     "evaluate_op",
     "register_op",
+    "batch_score_op",
 ]

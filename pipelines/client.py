@@ -1,4 +1,6 @@
-"""Submit and schedule the training pipeline on a Kubeflow Pipelines API server.
+"""Submit and schedule the pipelines on a Kubeflow Pipelines API server: ``training``
+(:mod:`pipelines.training_pipeline`, the default) or ``batch-scoring``
+(:mod:`pipelines.batch_scoring`), chosen with ``pipeline=``.
 
 Both go through ``kfp.Client`` (KFP v2beta1 REST API):
 
@@ -7,7 +9,7 @@ Both go through ``kfp.Client`` (KFP v2beta1 REST API):
 * :func:`schedule`: upload the package as a pipeline (or a new version of it), then a
   recurring run with a cron trigger, ``max_concurrency=1`` (a retraining never overlaps
   the previous one) and ``no_catchup=True`` (a paused or late schedule does not fire the
-  missed runs when it resumes).
+  missed runs when it resumes); the same for a recurring batch scoring.
 
 Authentication is whatever ``kfp.Client`` picks up (``existing_token``, ``KF_PIPELINES_*``
 env, in-cluster service-account token); no credential is passed through here.
@@ -16,12 +18,18 @@ env, in-cluster service-account token); no credential is passed through here.
 import contextlib
 import datetime as _dt
 import functools
+import importlib
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 DEFAULT_EXPERIMENT = "recontrast"
+# pipeline -> (its module, the KFP pipeline name it is uploaded as, the default recurring-run name)
+PIPELINES = {
+    "training": ("pipelines.training_pipeline", "recontrast-training", "recontrast-retrain"),
+    "batch-scoring": ("pipelines.batch_scoring", "recontrast-batch-scoring", "recontrast-batch-scoring"),
+}
 
 
 def _quiet_stdout(fn):
@@ -43,12 +51,20 @@ def _client(host: str, namespace: Optional[str] = None, existing_token: Optional
     return kfp.Client(host=host, existing_token=existing_token, **kw)
 
 
-def _package(package_path: Optional[str], tmp: str) -> str:
+def _pipeline(name: str) -> tuple[str, str, str]:
+    if name not in PIPELINES:
+        from recontrast_core.errors import UserError
+
+        raise UserError(f"unknown pipeline {name!r} (one of {', '.join(PIPELINES)})")
+    return PIPELINES[name]
+
+
+def _package(package_path: Optional[str], tmp: str, pipeline: str = "training") -> str:
+    """The compiled package to send: ``package_path``, else ``pipeline`` compiled now."""
     if package_path:
         return str(package_path)
-    from .training_pipeline import compile_pipeline
-
-    return str(compile_pipeline(Path(tmp) / "training_pipeline.yaml"))
+    module = importlib.import_module(_pipeline(pipeline)[0])
+    return str(module.compile_pipeline(Path(tmp) / f"{pipeline}.yaml"))
 
 
 def _clean_params(params: Optional[Mapping[str, Any]]) -> dict:
@@ -79,15 +95,18 @@ def submit(
     enable_caching: Optional[bool] = None,
     service_account: Optional[str] = None,
     existing_token: Optional[str] = None,
+    pipeline: str = "training",
 ) -> dict:
-    """Submit one run of the training pipeline; returns ``{"run_id", "experiment_id",
-    "run_url"}``. ``params`` are pipeline parameters (see ``training_pipeline``)."""
+    """Submit one run of ``pipeline`` (training or batch-scoring); returns ``{"run_id",
+    "experiment_id", "run_url"}``. ``params`` are that pipeline's parameters."""
+    _pipeline(pipeline)
     client = _client(host, namespace, existing_token)
     exp_id = ensure_experiment(client, experiment, namespace)
-    run_name = run_name or f"recontrast-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
+    prefix = "recontrast" if pipeline == "training" else f"recontrast-{pipeline}"
+    run_name = run_name or f"{prefix}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
     with tempfile.TemporaryDirectory(prefix="recontrast-kfp-") as tmp:
         result = client.create_run_from_pipeline_package(
-            _package(package_path, tmp),
+            _package(package_path, tmp, pipeline),
             arguments=_clean_params(params),
             run_name=run_name,
             experiment_id=exp_id,
@@ -126,19 +145,24 @@ def schedule(
     cron: str,
     params: Optional[Mapping[str, Any]] = None,
     *,
-    job_name: str = "recontrast-retrain",
+    job_name: Optional[str] = None,
     experiment: str = DEFAULT_EXPERIMENT,
-    pipeline_name: str = "recontrast-training",
+    pipeline_name: Optional[str] = None,
     package_path: Optional[str] = None,
     namespace: Optional[str] = None,
     enable_caching: Optional[bool] = None,
     service_account: Optional[str] = None,
     existing_token: Optional[str] = None,
+    pipeline: str = "training",
 ) -> dict:
-    """Create a recurring run (KFP cron: 6 fields, seconds first, e.g. ``0 0 3 * * *``;
-    a 5-field expression gets ``0`` seconds prepended). One run at a time, no catch-up.
-    Returns ``{"recurring_run_id", "pipeline_id", "pipeline_version_id",
-    "experiment_id", "cron"}``."""
+    """Create a recurring run of ``pipeline`` (KFP cron: 6 fields, seconds first, e.g.
+    ``0 0 3 * * *``; a 5-field expression gets ``0`` seconds prepended). One run at a time,
+    no catch-up. ``pipeline_name`` / ``job_name`` default to the pipeline's
+    (:data:`PIPELINES`). Returns ``{"recurring_run_id", "pipeline_id",
+    "pipeline_version_id", "experiment_id", "cron"}``."""
+    _, default_pipeline_name, default_job_name = _pipeline(pipeline)
+    pipeline_name = pipeline_name or default_pipeline_name
+    job_name = job_name or default_job_name
     fields = cron.split()
     if len(fields) == 5:
         cron = "0 " + cron
@@ -149,7 +173,7 @@ def schedule(
     client = _client(host, namespace, existing_token)
     exp_id = ensure_experiment(client, experiment, namespace)
     with tempfile.TemporaryDirectory(prefix="recontrast-kfp-") as tmp:
-        pipeline_id, version_id = _upload(client, _package(package_path, tmp), pipeline_name, namespace)
+        pipeline_id, version_id = _upload(client, _package(package_path, tmp, pipeline), pipeline_name, namespace)
     job = client.create_recurring_run(
         experiment_id=exp_id,
         job_name=job_name,

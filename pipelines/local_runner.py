@@ -1,6 +1,7 @@
-"""Run the training pipeline on this machine with KFP's local ``SubprocessRunner``: the
-same components as on the cluster, in this Python environment (kfp-kubernetes settings
-are ignored)."""
+"""Run the training pipeline (:func:`run_local`) or the batch-scoring pipeline
+(:func:`run_local_batch_scoring`) on this machine with KFP's local ``SubprocessRunner``:
+the same components as on the cluster, in this Python environment (kfp-kubernetes
+settings are ignored)."""
 
 from __future__ import annotations
 
@@ -131,13 +132,7 @@ def run_local(
                raise_on_error=True)
     log = _RunnerLog(log_path, verbose=verbose)
     try:
-        # The local runner logs (its own and the steps') to stdout: keep stdout for results.
-        with contextlib.redirect_stdout(log), warnings.catch_warnings(), _checkout_importable():
-            # Expected locally: cluster settings are ignored, the project image is not used.
-            warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
-            warnings.filterwarnings("ignore", message=r".*non-Python base image")
-            with contextlib.nullcontext() if retries else _without_retries(training_pipeline):
-                task = training_pipeline(**arguments)
+        task = _execute(training_pipeline, arguments, log, retries)
     except RuntimeError as exc:
         if not verbose:
             sys.stderr.write("\n".join(log.tail[-40:]) + "\n")
@@ -152,12 +147,52 @@ def run_local(
                     )
             except Exception as track_exc:  # the tracking store itself may be the problem: say so
                 sys.stderr.write(f"warning: could not mark the MLflow run FAILED: {track_exc}\n")
-        # The failed step's exception (e.g. the dataset validation error naming the file).
-        cause = next((line.strip() for line in reversed(log.tail) if _EXCEPTION_LINE.match(line)), "")
-        raise UserError(f"local pipeline run failed: {log.ANSI.sub('', str(exc)).rstrip('.')}"
-                        + (f"; {cause}" if cause else "") + f" (full log: {log_path})") from exc
+        raise _failure(exc, log, log_path) from exc
     finally:
         log.close()
     result = json.loads(task.output)
     result["log"] = str(log_path)
     return result
+
+
+def _execute(pipeline, arguments: dict, log: _RunnerLog, retries: bool):
+    """Run ``pipeline`` with the local runner (already initialised); its output goes to ``log``."""
+    # The local runner logs (its own and the steps') to stdout: keep stdout for results.
+    with contextlib.redirect_stdout(log), warnings.catch_warnings(), _checkout_importable():
+        # Expected locally: cluster settings are ignored, the project image is not used.
+        warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+        warnings.filterwarnings("ignore", message=r".*non-Python base image")
+        with contextlib.nullcontext() if retries else _without_retries(pipeline):
+            return pipeline(**arguments)
+
+
+def _failure(exc: Exception, log: _RunnerLog, log_path: Path) -> UserError:
+    """One line: the runner's message, the failed step's exception (e.g. the dataset
+    validation error naming the file) and where the full log is."""
+    cause = next((line.strip() for line in reversed(log.tail) if _EXCEPTION_LINE.match(line)), "")
+    return UserError(f"local pipeline run failed: {log.ANSI.sub('', str(exc)).rstrip('.')}"
+                     + (f"; {cause}" if cause else "") + f" (full log: {log_path})")
+
+
+def run_local_batch_scoring(arguments: dict, pipeline_root: os.PathLike | str = "runs/kfp-local", *,
+                            verbose: bool = False) -> dict:
+    """Run the batch-scoring pipeline (:mod:`pipelines.batch_scoring`) on this machine with
+    KFP's local runner, as :func:`run_local` does the training pipeline; returns its summary."""
+    from kfp import local
+
+    from .batch_scoring import batch_scoring_pipeline
+
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root / f"batch-scoring-{uuid.uuid4().hex[:12]}.log"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    log = _RunnerLog(log_path, verbose=verbose)
+    try:
+        task = _execute(batch_scoring_pipeline, arguments, log, retries=False)
+    except RuntimeError as exc:
+        if not verbose:
+            sys.stderr.write("\n".join(log.tail[-40:]) + "\n")
+        raise _failure(exc, log, log_path) from exc
+    finally:
+        log.close()
+    return {**json.loads(task.output), "log": str(log_path)}

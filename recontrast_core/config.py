@@ -73,6 +73,10 @@ class TrainConfig(_Strict):
     # Light geometric/photometric augmentation (flips, +-10% brightness/contrast).
     # None = on for few-shot training (shots set), off otherwise.
     augment: Optional[bool] = None
+    # Under torchrun on GPUs (docs/distributed.md): BatchNorm statistics over the whole
+    # global batch (SyncBatchNorm), as one process computes them. False: each GPU's own
+    # slice (fewer collectives; a slightly different model). No effect in one process.
+    sync_batchnorm: bool = True
 
     _device_ok = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
 
@@ -270,6 +274,19 @@ class TrackingConfig(_Strict):
     experiment: str = "recontrast"
 
 
+class TrainJobConfig(_Strict):
+    """The train step as a Kubeflow Trainer TrainJob (``train_backend: trainjob``, KFP only;
+    docs/distributed.md): ``num_nodes`` nodes with ``gpus_per_node`` GPUs each, one training
+    process per GPU; ``train.batch_size`` is the global batch and must divide by their product."""
+
+    num_nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=1)
+    cpu_per_node: str = "8"
+    memory_per_node: str = "32Gi"
+    # The cluster stops the job after this (activeDeadlineSeconds); the pipeline waits as long.
+    timeout_s: int = Field(86400, ge=60)
+
+
 class PipelineConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     # "none": ReContrast from ImageNet weights; "msc" / "coft": adapt the encoder first.
@@ -278,6 +295,10 @@ class PipelineConfig(_Strict):
     shots: Optional[int] = Field(None, ge=1)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # Where the KFP pipeline trains: "pod" (one GPU in the train step's pod) or "trainjob"
+    # (a TrainJob across nodes and GPUs, settings in `trainjob`). The CLI and DVC train here.
+    train_backend: Literal["pod", "trainjob"] = "pod"
+    trainjob: TrainJobConfig = Field(default_factory=TrainJobConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)

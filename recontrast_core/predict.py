@@ -11,7 +11,7 @@ import csv
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -63,7 +63,6 @@ def predict_paths(
     """
     from PIL import Image
 
-    from .errors import DataValidationError
     from .progress import track_steps
 
     out = ensure_output_dir(out_dir) if out_dir is not None else None
@@ -78,28 +77,13 @@ def predict_paths(
         with track_steps("predict", len(files), enabled=progress) as bar:
             for start in range(0, len(files), step):
                 chunk = files[start : start + step]
-                arrays, readable = [], []
-                for i, f in enumerate(chunk):
-                    try:
-                        arrays.append(to_model_input(f, detector.image_size))
-                        readable.append(i)
-                    except DataValidationError as exc:
-                        rows.append({"path": str(f), "score": None, "normalized_score": None, "decision": None,
-                                     "error": exc.problem})
-                if arrays:
-                    results = detector.predict_uint8(torch.from_numpy(np.stack(arrays)), return_map=staging is not None)
-                    for arr, i, r in zip(arrays, readable, results):
-                        f = chunk[i]
-                        row = {"path": str(f), "score": r["score"], "normalized_score": r["normalized_score"],
-                               "decision": r["decision"], "error": ""}
-                        if "anomaly_map" in r:
-                            name = f"{start + i:05d}_{f.stem}.png"
-                            img = overlay(arr, normalise(r["anomaly_map"], detector.calibration))
-                            Image.fromarray(img).save(staging / name, format="PNG")
-                            row["overlay"] = str(out / OVERLAYS_DIR / name)
-                        rows.append(row)
+                for i, (row, img) in enumerate(score_files(detector, chunk, overlays=staging is not None)):
+                    if img is not None:
+                        name = f"{start + i:05d}_{chunk[i].stem}.png"
+                        Image.fromarray(img).save(staging / name, format="PNG")
+                        row["overlay"] = str(out / OVERLAYS_DIR / name)
+                    rows.append(row)
                 bar.advance(len(chunk))
-        rows.sort(key=lambda r: files.index(Path(r["path"])))
         if out is not None:
             write_results(rows, out / RESULTS_FILE)
             if staging is not None:
@@ -114,17 +98,47 @@ def predict_paths(
     return rows
 
 
+def score_files(detector: Detector, files: Sequence[Union[str, Path]], *,
+                overlays: bool = True) -> list[tuple[dict, Optional[np.ndarray]]]:
+    """Score one batch of image files, in order: per file its row (``path``, ``score``,
+    ``normalized_score``, ``decision``, ``error``) and its overlay (RGB uint8) or None.
+
+    An unreadable file gets a row with ``error`` (the reason) and no score; the others are
+    scored together. The overlay is the calibrated anomaly map on the model's input."""
+    from .errors import DataValidationError
+
+    out: list = [None] * len(files)
+    arrays, readable = [], []
+    for i, f in enumerate(files):
+        try:
+            arrays.append(to_model_input(f, detector.image_size))
+            readable.append(i)
+        except DataValidationError as exc:
+            out[i] = ({"path": str(f), "score": None, "normalized_score": None, "decision": None,
+                       "error": exc.problem}, None)
+    if arrays:
+        results = detector.predict_uint8(torch.from_numpy(np.stack(arrays)), return_map=overlays)
+        for arr, i, r in zip(arrays, readable, results):
+            img = overlay(arr, normalise(r["anomaly_map"], detector.calibration)) if overlays else None
+            out[i] = ({"path": str(files[i]), "score": r["score"], "normalized_score": r["normalized_score"],
+                       "decision": r["decision"], "error": ""}, img)
+    return out
+
+
 def failed_rows(rows: list[dict]) -> list[dict]:
     """The rows of images that could not be scored."""
     return [r for r in rows if r.get("error")]
 
 
-def write_results(rows: list[dict], path: Path) -> Path:
-    fields = ["path", "score", "normalized_score", "decision", "error", "overlay"]
+RESULT_FIELDS = ("path", "score", "normalized_score", "decision", "error", "overlay")
+
+
+def write_results(rows: Iterable[dict], path: Path, fields: Sequence[str] = RESULT_FIELDS) -> Path:
+    """``rows`` (any iterable, consumed once) as CSV with columns ``fields``, written atomically."""
 
     def _write(p: Path) -> None:
         with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 

@@ -30,6 +30,12 @@ class _Bar:
         if self._progress is not None:
             self._progress.update(self._task, advance=n, info=info)
 
+    def grow(self, n: int) -> None:
+        """Raise the total by ``n`` (a stream whose length is learnt page by page)."""
+        if self._progress is not None:
+            task = next(t for t in self._progress.tasks if t.id == self._task)
+            self._progress.update(self._task, total=(task.total or 0) + n)
+
 
 def _progress() -> Progress:
     return Progress(

@@ -6,6 +6,13 @@ AdamW on CUDA, and no host synchronisation per iteration (the loss is read back 
 every ``log_every`` iterations). Checkpoints are written atomically every
 ``checkpoint_every`` iterations; ``resume=True`` continues with the same optimizer state,
 iteration count and batch order.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs data-parallel
+(:mod:`.distributed`, docs/distributed.md): every process draws the same global batch of
+``batch_size`` images and trains on its slice, gradients are averaged by
+DistributedDataParallel, BatchNorm is synchronised on CUDA (``sync_batchnorm``), rank 0
+alone writes checkpoints and the bundle and calibrates, and a resumed run loads the same
+checkpoint on every process.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import distributed
 from .bundle import Detector, save_bundle
 from .models import build_model
 from .calibration import fit_calibration
@@ -29,7 +38,7 @@ from .errors import UserError
 from .losses import alpha_at, recontrast_loss
 from .models.recontrast import ReContrast
 from .progress import track_steps
-from .runtime import amp_dtype_for, atomic_write, load_torch_file, remove_stale_temps, resolve_device, seed_everything
+from .runtime import amp_dtype_for, atomic_write, load_torch_file, remove_stale_temps, seed_everything
 
 CHECKPOINT_NAME = "last.pt"
 FEW_SHOT_CALIBRATION_VIEWS = 8  # the shot itself + 7 augmented views
@@ -81,11 +90,14 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def augment_batch(x: torch.Tensor, iteration: int, seed: int) -> torch.Tensor:
-    """Light augmentation for few-shot training: flips and +-10% brightness/contrast per image."""
+def augment_batch(x: torch.Tensor, iteration: int, seed: int, offset: int = 0, total: Optional[int] = None) -> torch.Tensor:
+    """Light augmentation for few-shot training: flips and +-10% brightness/contrast per image.
+
+    ``x`` is images ``offset ..`` of a batch of ``total`` (default: all of it): a process of a
+    data-parallel run draws the whole batch's random values and keeps its slice."""
     g = torch.Generator().manual_seed(seed * 7_919 + iteration)
     b = x.shape[0]
-    r = _to_device(torch.rand(b, 4, generator=g), x.device)
+    r = _to_device(torch.rand(total or b, 4, generator=g)[offset : offset + b], x.device)
     x = torch.where((r[:, 0] < 0.5).view(b, 1, 1, 1), x.flip(-1), x)
     x = torch.where((r[:, 1] < 0.5).view(b, 1, 1, 1), x.flip(-2), x)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -95,11 +107,23 @@ def augment_batch(x: torch.Tensor, iteration: int, seed: int) -> torch.Tensor:
 
 
 class Trainer:
-    """Owns the model, the two AdamW optimisers, the step, and checkpoint state."""
+    """Owns the model, the two AdamW optimisers, the step, and checkpoint state.
 
-    def __init__(self, model: ReContrast, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
+    ``dist``: a data-parallel context (:mod:`.distributed`); the model is then wrapped in
+    DistributedDataParallel (``self.net``), its BatchNorm layers synchronised on CUDA when
+    ``cfg.sync_batchnorm``, and :meth:`step` returns the loss of the whole global batch."""
+
+    def __init__(self, model: ReContrast, cfg: TrainConfig, device: torch.device,
+                 dist: distributed.DistContext = distributed.DistContext()):
+        self.cfg, self.device, self.dist = cfg, device, dist
         self.model = model.to(device)
+        if dist.enabled and cfg.sync_batchnorm and device.type == "cuda":
+            from timm.layers import convert_sync_batchnorm  # keeps timm's BatchNormAct activations
+
+            self.model = model = convert_sync_batchnorm(model)  # same parameters, synchronised statistics
+        elif dist.enabled and cfg.sync_batchnorm and dist.is_main:
+            warnings.warn("sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm); on the CPU each process "
+                          "normalises its own slice of the batch (docs/distributed.md)", stacklevel=2)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         fused = device.type == "cuda"
@@ -109,18 +133,26 @@ class Trainer:
         self.amp_dtype = amp_dtype_for(device, cfg.amp)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input shape all run long
+        self.net = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # find_unused_parameters: the encoder's last block ends past its deepest tap
+            # (lite0's conv_pwl/bn3 take no part in the loss).
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=True)
 
     def step(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
-            frozen, feats, head1, head2 = self.model(x)
-        loss = recontrast_loss(frozen, feats, head1, head2, alpha)
+            frozen, feats, head1, head2 = self.net(x)
+        loss = recontrast_loss(frozen, feats, head1, head2, alpha, distributed=self.dist.enabled)
         self.opt_decoder.zero_grad(set_to_none=True)
         self.opt_encoder.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP: gradients averaged over the processes = the global batch's mean
         self.opt_decoder.step()
         self.opt_encoder.step()
-        return loss.detach()
+        return distributed.mean_across(loss.detach(), self.dist)
 
     def state(self, iteration: int, history: list[dict], pending_losses=(), elapsed_s: float = 0.0) -> dict:
         return {
@@ -216,9 +248,10 @@ def train_model(
     views of each shot (the training augmentation) at the target false-positive rate;
     augmentation is on unless ``cfg.augment`` says otherwise. Otherwise
     ``calibration.validation_fraction`` of the normals is held out to set the threshold.
-    """
-    from .data.cache import load_resized
 
+    Under ``torchrun`` every process calls this with the same arguments (module docstring);
+    ``cfg.batch_size`` is the global batch and must divide by ``WORLD_SIZE``.
+    """
     out_dir = Path(out_dir)
     normal_train = manifest.select(split="train", label=0)
     if len(normal_train) == 0:
@@ -229,24 +262,76 @@ def train_model(
         fit, val = normal_train, normal_train.subset([])
     else:
         fit, val = split_validation(normal_train, calibration.validation_fraction, cfg.seed)
-    device = resolve_device(cfg.device)
+    distributed.per_process_batch(cfg.batch_size, distributed.env_context().world_size)
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        history, wall, trainer, ckpt = _fit(fit, cfg, out_dir, device, ctx, init_encoder=init_encoder, resume=resume,
+                                            progress=progress and ctx.is_main, cache_dir=cache_dir)
+        bundle_dir = out_dir / "bundle"
+        if ctx.is_main:  # one writer; the other processes wait at the barrier below
+            detector = Detector(model=trainer.model.eval(), config=cfg, inference=inference, calibration=None,
+                                meta={}, device=device)
+            calib = _calibrate(detector, val if len(val) else fit, calibration, cfg, progress, cache_dir,
+                               views=FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1)
+            bundle_dir = save_bundle(
+                bundle_dir, trainer.model, cfg, inference, calib,
+                dataset_fingerprint=manifest.fingerprint,
+                training={
+                    "iterations": cfg.iterations,
+                    "final_loss": history[-1]["loss"] if history else None,
+                    "wall_time_s": round(wall, 2),
+                    "images_per_s": round(cfg.iterations * cfg.batch_size / wall, 3) if wall > 0 else None,
+                    "history": history,
+                    "init_encoder": init_encoder,
+                    "n_train_images": len(fit),
+                    "n_calibration_images": len(val) if len(val) else len(fit),
+                    "calibration_views": FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1,
+                    "calibration_set": ("augmented views of the shots" if few_shot else
+                                        "held-out normal training images" if len(val) else "the training images"),
+                    "device": str(device),
+                    "world_size": ctx.world_size,
+                },
+            )
+        distributed.barrier(ctx)
+    finally:
+        distributed.teardown(ctx)
+    return TrainResult(
+        bundle_dir=bundle_dir,
+        history=history,
+        iterations=cfg.iterations,
+        wall_time_s=wall,
+        images_per_s=cfg.iterations * cfg.batch_size / wall if wall > 0 else 0.0,
+        checkpoint=ckpt,
+    )
+
+
+def _fit(fit: Manifest, cfg: TrainConfig, out_dir: Path, device: torch.device, ctx: distributed.DistContext, *,
+         init_encoder: Optional[str], resume: bool, progress: bool, cache_dir: Optional[Path]):
+    """The training loop; returns (history, wall seconds, the trainer, the checkpoint path).
+    Each process takes its slice of every global batch; rank 0 writes the checkpoints."""
+    from .data.cache import load_resized
+
     seed_everything(cfg.seed)
     images, _, _ = load_resized(fit, cfg.image_size, with_masks=False, progress=progress, cache_dir=cache_dir)
     images = images.to(device)
 
     # Resuming restores every tensor from the checkpoint, so no weights need to be fetched.
     model = build_model(cfg, weights="none" if resume else init_encoder)
-    trainer = Trainer(model, cfg, device)
+    trainer = Trainer(model, cfg, device, ctx)
     ckpt = out_dir / "checkpoints" / CHECKPOINT_NAME
-    remove_stale_temps(ckpt)  # a run killed mid-write (kill -9) leaves its temp file behind
+    if ctx.is_main:
+        remove_stale_temps(ckpt)  # a run killed mid-write (kill -9) leaves its temp file behind
     start, history, pending, elapsed_before = trainer.load(ckpt) if resume else (0, [], [], 0.0)
+    per = distributed.per_process_batch(cfg.batch_size, ctx.world_size)
+    mine = slice(ctx.rank * per, (ctx.rank + 1) * per)  # this process's part of each global batch
 
     losses: list[torch.Tensor] = [torch.tensor(x, device=device) for x in pending]
     t0 = time.perf_counter()
     with track_steps("train", cfg.iterations, enabled=progress, completed=start) as bar:
         for it in range(start, cfg.iterations):
-            idx = _to_device(batch_indices(it, images.shape[0], cfg.batch_size, cfg.seed), device)
-            x = _prepare(images[idx], cfg, device, it, model.encoder.stats)
+            idx = _to_device(batch_indices(it, images.shape[0], cfg.batch_size, cfg.seed)[mine], device)
+            x = _prepare(images[idx], cfg, device, it, trainer.model.encoder.stats, offset=mine.start,
+                         total=cfg.batch_size)
             alpha = alpha_at(it, cfg.iterations, cfg.alpha_start, cfg.alpha_end, cfg.alpha_warmup_fraction)
             losses.append(trainer.step(x, alpha))
             done = it + 1
@@ -255,7 +340,7 @@ def train_model(
                 losses.clear()
                 history.append({"iteration": done, "loss": mean_loss, "alpha": alpha})
                 bar.advance(0, info=f"loss {mean_loss:.4f}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            if ctx.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
                 # On a GPU, intermediate checkpoints are written by a thread (off the hot path).
                 trainer.save(ckpt, done, history, background=device.type == "cuda" and done < cfg.iterations,
                              pending_losses=[x.item() for x in losses],
@@ -264,45 +349,16 @@ def train_model(
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = elapsed_before + time.perf_counter() - t0  # training time over every segment of the run
-    trained = cfg.iterations
-
-    detector = Detector(model=trainer.model.eval(), config=cfg, inference=inference, calibration=None, meta={}, device=device)
-    calib = _calibrate(detector, val if len(val) else fit, calibration, cfg, progress, cache_dir,
-                       views=FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1)
-    bundle_dir = save_bundle(
-        out_dir / "bundle", trainer.model, cfg, inference, calib,
-        dataset_fingerprint=manifest.fingerprint,
-        training={
-            "iterations": cfg.iterations,
-            "final_loss": history[-1]["loss"] if history else None,
-            "wall_time_s": round(wall, 2),
-            "images_per_s": round(trained * cfg.batch_size / wall, 3) if wall > 0 else None,
-            "history": history,
-            "init_encoder": init_encoder,
-            "n_train_images": len(fit),
-            "n_calibration_images": len(val) if len(val) else len(fit),
-            "calibration_views": FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1,
-            "calibration_set": ("augmented views of the shots" if few_shot else
-                                "held-out normal training images" if len(val) else "the training images"),
-            "device": str(device),
-        },
-    )
-    return TrainResult(
-        bundle_dir=bundle_dir,
-        history=history,
-        iterations=cfg.iterations,
-        wall_time_s=wall,
-        images_per_s=trained * cfg.batch_size / wall if wall > 0 else 0.0,
-        checkpoint=ckpt,
-    )
+    return history, wall, trainer, ckpt
 
 
-def _prepare(batch_uint8: torch.Tensor, cfg: TrainConfig, device, iteration: int, stats) -> torch.Tensor:
+def _prepare(batch_uint8: torch.Tensor, cfg: TrainConfig, device, iteration: int, stats, offset: int = 0,
+             total: Optional[int] = None) -> torch.Tensor:
     from .inference import normalize_images
 
     x = normalize_images(batch_uint8, device, stats=stats)
     if cfg.augment:
-        x = augment_batch(x, iteration, cfg.seed)
+        x = augment_batch(x, iteration, cfg.seed, offset, total)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 

@@ -99,10 +99,15 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a ReContrast detector on the normal training images of DATASET (the pipeline's
-    train step: same settings, same bundle)."""
+    train step: same settings, same bundle). On several GPUs: ``torchrun --nproc-per-node N
+    -m recontrast_core.cli train ...`` (docs/distributed.md); rank 0 prints and writes."""
     with user_errors():
+        from ..distributed import is_main_process
         from ..runtime import read_json
         from ..steps import train as train_step
+
+        main_process = is_main_process()
+        progress = progress and main_process
 
         settings = settings_from(config, {
             "train.backbone.name": backbone, "train.backbone.weights": weights,
@@ -117,6 +122,8 @@ def train(
                                     annotations=annotations, images=images, split_csv=split_csv, options=layout_opt,
                                     allow_duplicates=settings.data.allow_duplicates)
         bundle = train_step(manifest, out, settings, init_encoder=init_encoder, resume=resume, progress=progress)
+        if not main_process:
+            return
         info = (read_json(bundle / "bundle.json") or {}).get("training", {})
         summary = {
             "bundle": str(bundle),
@@ -198,20 +205,42 @@ EXIT_SOME_FAILED = 3  # finished, but some images could not be read (listed in r
 
 @app.command()
 def predict(
-    bundle: Path = typer.Argument(..., help="Model bundle folder"),
-    paths: list[Path] = typer.Argument(..., help="Image files or folders"),
-    out: Optional[Path] = typer.Option(Path("runs/predict"), "--out", "-o", help="results.csv and overlays/ go here"),
+    args: list[str] = typer.Argument(..., metavar="[BUNDLE] INPUTS...",
+                                     help="A bundle folder, then image files or folders; with --model only the "
+                                          "inputs, which may also be s3://bucket/prefix/"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Bundle folder, s3:// bundle, models:/NAME@ALIAS, models:/NAME/VERSION "
+                                             "or runs:/RUN_ID/PATH (docs/batch_scoring.md)"),
+    out: str = typer.Option("runs/predict", "--out", "-o",
+                            help="Folder or s3://bucket/prefix/ for the results table and overlays"),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays"),
     device: str = typer.Option("auto"),
+    chunk_size: int = typer.Option(64, "--chunk-size", help="Batch scoring: images per committed part"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow server for models:/ and runs:/ URIs"),
     json_out: bool = typer.Option(False, "--json"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score new images: score, normalised score (0.5 = threshold) and decision per image.
-    Unreadable images are listed in results.csv with the reason; then the exit code is 3."""
+    Unreadable images are listed in the results with the reason; then the exit code is 3.
+
+    A local bundle and local files: results.csv and overlays/ (--json: the rows).
+
+    A models:/, runs:/ or s3:// model, or an s3:// input or output:
+    restart-safe batch scoring to results.parquet + results.csv
+    (--json: a summary; docs/batch_scoring.md)."""
     with user_errors():
+        from ..errors import UserError
+
+        model_ref, inputs = (model, args) if model else (args[0], args[1:])
+        if not inputs:
+            raise UserError("give the model (a bundle folder, or --model URI) and at least one image file or folder")
+        if any(str(x).startswith("s3://") for x in [out, *inputs]) or model_ref.startswith(("models:/", "runs:/", "s3://")):
+            _batch_predict(model_ref, inputs, out, overlays, device, chunk_size, tracking_uri, json_out, progress)
+            return
         from ..predict import failed_rows, predict_paths
 
-        rows = predict_paths(bundle, paths, out, overlays=overlays, device=device, progress=progress)
+        rows = predict_paths(model_ref, inputs, Path(out), overlays=overlays, device=device, progress=progress)
         failed = failed_rows(rows)
         flagged = sum(bool(r["decision"]) for r in rows)
         console.print(summary_table("prediction", {"images": len(rows), "anomalous": flagged, "unreadable": len(failed),
@@ -224,13 +253,35 @@ def predict(
             raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _unavailable(name: str, exc: ImportError):
+def _batch_predict(model_ref, inputs, out, overlays, device, chunk_size, tracking_uri, json_out, progress) -> None:
+    """``predict`` through :mod:`recontrast_core.mlops.batch_scoring` (restart-safe parts)."""
+    from ..errors import UserError
+
+    try:
+        import boto3  # noqa: F401
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"batch scoring needs the pipeline extra (pip install 'recontrast[pipeline]'): {exc}") from None
+    from ..mlops.batch_scoring import run_batch_scoring
+
+    summary = run_batch_scoring(model_ref, inputs, out, chunk_size=chunk_size, overlays=overlays, device=device,
+                                progress=progress, tracking_uri=tracking_uri)
+    console.print(summary_table("batch scoring", {k: v for k, v in summary.items() if k != "failed"}))
+    for r in summary["failed"]:
+        console.print(f"[yellow]unreadable:[/] {r['path']}: {r['error']}", highlight=False, soft_wrap=True)
+    if json_out:
+        emit_json(summary)
+    if summary["unreadable"]:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _unavailable(name: str, exc: ImportError, extra: str = "pipeline"):
     """A placeholder that says why the command cannot run, instead of vanishing."""
     reason = f"{type(exc).__name__}: {exc}"
 
     def command() -> None:
-        console.print(f"[bold red]error:[/] `recontrast {name}` needs the pipeline extra "
-                      f"(pip install 'recontrast[pipeline]'): {reason}")
+        console.print(f"[bold red]error:[/] `recontrast {name}` needs the {extra} extra "
+                      f"(pip install 'recontrast\\[{extra}]'): {reason}", highlight=False)
         raise typer.Exit(2)
 
     return command
@@ -258,6 +309,15 @@ def _mount() -> None:
         app.command("demo", help=f"(unavailable: install recontrast[pipeline]; {exc})")(_unavailable("demo", exc))
     else:
         app.command("demo", help="Run the whole pipeline locally on real data with embedded defaults.")(demo_command)
+    try:
+        from .serve import serve_command
+    except ImportError as exc:
+        app.command("serve", help=f"(unavailable: install recontrast\\[serve]; {exc})",  # says so whatever the flags
+                    context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+            _unavailable("serve", exc, "serve,pipeline"))
+    else:
+        app.command("serve", help="Serve a registered model over KServe's v2 protocol; reload when the alias moves.")(
+            serve_command)
 
 
 _mount()

@@ -1,4 +1,5 @@
-"""``recontrast pipeline compile | run --local | submit | schedule``.
+"""``recontrast pipeline compile | run --local | submit | schedule`` (the training pipeline)
+and ``recontrast pipeline batch-scoring ...`` (:mod:`recontrast_core.cli.batch_pipeline`).
 ``recontrast demo`` is :func:`recontrast_core.cli.demo.demo_command`.
 
 Settings: embedded defaults (:class:`~recontrast_core.config.PipelineConfig`), then
@@ -16,6 +17,7 @@ import typer
 
 from ..config import PipelineConfig
 from ..errors import UserError
+from .batch_pipeline import batch_app
 from .common import console, emit_json, set_option, settings_from, summary_table, user_errors
 
 pipeline_app = typer.Typer(
@@ -24,6 +26,7 @@ pipeline_app = typer.Typer(
     "compile for Kubeflow Pipelines, run locally, submit or schedule on a cluster.",
     no_args_is_help=True,
 )
+pipeline_app.add_typer(batch_app, name="batch-scoring")
 
 Params = typer.Option(None, "--params", help="YAML with pipeline settings (PipelineConfig, e.g. params.yaml).")
 Source = typer.Option(None, "--source", help="Dataset: folder, s3://bucket/prefix, or a path in --dvc-repo.")

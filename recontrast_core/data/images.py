@@ -2,6 +2,8 @@
 
 Every step (validation, training, evaluation, serving) reads pixels through
 :func:`load_image_rgb` and :func:`load_mask`, so a file always becomes the same array.
+Servers receive encoded files as bytes or base64 (:func:`decode_image_bytes`,
+:func:`decode_base64_image`): same rules, same array as the file.
 
 Conversion rules of :func:`load_image_rgb` (output: ``uint8 [H, W, 3]``):
 
@@ -33,12 +35,15 @@ silently decode with grey/black padding.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import DataValidationError
 
@@ -107,6 +112,57 @@ def load_image_rgb(path: PathLike) -> np.ndarray:
         raise DataValidationError(path, f"unsupported image ({_describe(exc)})") from exc
     finally:
         img.close()
+
+
+#: Pillow formats :func:`decode_image_bytes` accepts: the files :data:`IMAGE_EXTENSIONS`
+#: name. Nothing else is tried on bytes from the network (no EPS, PSD, ... decoders).
+ENCODED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+
+
+def decode_image_bytes(data: bytes, name: str = "image bytes") -> np.ndarray:
+    """Encoded image file bytes (PNG, JPEG, BMP, TIFF, WebP) -> ``uint8 [H, W, 3]``, by the
+    same rules as :func:`load_image_rgb` (so a file and its bytes score the same). Any
+    failure raises :class:`DataValidationError` naming ``name`` (e.g. ``"row 3"``)."""
+    _check_truncation_flag()
+    if not data:
+        raise DataValidationError(name, "empty image data")
+    Image.init()  # registers every plugin (TIFF and WebP are not preloaded)
+    try:
+        img = Image.open(io.BytesIO(data), formats=[f for f in ENCODED_FORMATS if f in Image.OPEN])
+    except UnidentifiedImageError as exc:
+        raise DataValidationError(name, "not a readable PNG/JPEG/BMP/TIFF/WebP image") from exc
+    except Exception as exc:  # a decompression bomb, a broken header
+        raise DataValidationError(name, f"not a readable PNG/JPEG/BMP/TIFF/WebP image ({_describe(exc)})") from exc
+    try:
+        img.load()
+    except Exception as exc:  # truncated data, corrupt stream
+        img.close()
+        raise DataValidationError(
+            name, f"not a readable PNG/JPEG/BMP/TIFF/WebP image: truncated or corrupt ({_describe(exc)})"
+        ) from exc
+    try:
+        return to_rgb_array(img)
+    except Exception as exc:
+        raise DataValidationError(name, f"unsupported image ({_describe(exc)})") from exc
+    finally:
+        img.close()
+
+
+def decode_base64_image(text: str | bytes, name: str = "image_b64") -> np.ndarray:
+    """Base64 of an encoded image file (whitespace and a ``data:image/...;base64,`` prefix
+    are allowed) -> ``uint8 [H, W, 3]`` via :func:`decode_image_bytes`."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    if not isinstance(text, str):
+        raise DataValidationError(name, f"expected a base64 string, got {type(text).__name__}")
+    text = "".join(text.split())
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DataValidationError(name, f"not valid base64 ({_describe(exc)})") from exc
+    return decode_image_bytes(data, name)
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:

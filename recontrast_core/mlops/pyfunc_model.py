@@ -1,9 +1,17 @@
 """The model bundle as an MLflow pyfunc model.
 
-``mlflow.pyfunc.load_model(uri).predict(...)`` takes
+``mlflow.pyfunc.load_model(uri).predict(...)`` (and ``mlflow models serve``, docs/serving.md)
+takes
 
-* a DataFrame with a ``path`` column (image files readable where the model runs), or
-* a DataFrame with an ``image`` column of arrays (uint8/float, HxW or HxWxC), or
+* a DataFrame with one or more of the columns (all optional; exactly one value per row,
+  rows counted from 0 in error messages)
+
+  - ``path``: an image file readable where the model runs,
+  - ``image_b64``: base64 of an encoded image file (PNG, JPEG, BMP, TIFF, WebP; the
+    bytes of the file, decoded by the rules of the dataset reader, so a file and its
+    base64 score the same),
+  - ``image``: an array (uint8/float, HxW or HxWxC), e.g. nested lists in JSON; or
+
 * a list of paths and/or arrays (a single path or array works too) when calling the
   Python model itself (``loaded.unwrap_python_model().predict(None, [...])``); through
   the pyfunc wrapper use the DataFrame / ``{"path": [...]}`` / ``[{"path": ...}]`` forms,
@@ -11,7 +19,10 @@
 
 and returns a DataFrame with ``score`` (raw anomaly score), ``normalized_score`` (0.5 is
 the production threshold) and ``decision`` (True = anomalous); with
-``params={"return_map": True}`` also ``anomaly_map`` (a 2-D float array per row).
+``params={"return_map": True}`` also ``anomaly_map`` (a 2-D float array per row, the
+bundle's image size). Bad input (no usable column, bad base64, an unreadable image or
+file) raises ``MlflowException`` INVALID_PARAMETER_VALUE naming the row (HTTP 400 from the
+scoring server).
 
 The bundle directory is stored inside the MLflow model as the artifact ``bundle`` and
 loaded with :func:`recontrast_core.bundle.load_detector`; the serving environment needs
@@ -42,21 +53,51 @@ def _as_image(value: Any):
     return arr.astype(np.float32)
 
 
+INPUT_COLUMNS = ("path", "image", "image_b64")
+
+
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _row_input(i: int, column: str, value: Any):
+    from ..data.images import decode_base64_image
+
+    if column == "path":
+        return str(value)
+    if column == "image_b64":
+        return decode_base64_image(value, f"row {i} (image_b64)")
+    return _as_image(value)
+
+
+def _pick(i: int, pairs) -> Any:
+    """The one non-missing (column, value) of row ``i`` -> its path / array."""
+    given = [(c, v) for c, v in pairs if not _missing(v)]
+    if len(given) != 1:
+        names = ", ".join(c for c, _ in given) or "none"
+        raise ValueError(f"row {i}: give exactly one of {', '.join(INPUT_COLUMNS)} (got {names})")
+    return _row_input(i, *given[0])
+
+
+def _frame_inputs(frame) -> list:
+    """One path / array per row of a DataFrame."""
+    cols = [c for c in INPUT_COLUMNS if c in frame.columns]
+    if not cols:
+        raise ValueError(f"expected a column 'path', 'image' or 'image_b64', got {list(frame.columns)}")
+    rows = frame[cols].itertuples(index=False, name=None)
+    return [_pick(i, zip(cols, row)) for i, row in enumerate(rows)]
+
+
 def _as_inputs(model_input: Any) -> list:
-    """Normalise every accepted input form into a list of paths (str) / numpy arrays."""
+    """Normalise every accepted input form into a list of paths (str) / numpy arrays
+    (``image_b64`` values decoded). Raises ValueError or a UserError naming the row."""
     import numpy as np
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
-        if "path" in model_input.columns and model_input["path"].notna().all():
-            return [str(p) for p in model_input["path"]]
-        if "image" in model_input.columns:
-            return [_as_image(v) for v in model_input["image"]]
-        if "path" in model_input.columns:
-            raise ValueError("column 'path' has missing values")
-        raise ValueError(
-            f"expected a column 'path' or 'image', got {list(model_input.columns)}"
-        )
+        return _frame_inputs(model_input)
     if isinstance(model_input, pd.Series):
         return _as_inputs(list(model_input))
     if isinstance(model_input, (str, os.PathLike)):
@@ -67,20 +108,25 @@ def _as_inputs(model_input: Any) -> list:
             return [model_input]
         return list(model_input)
     if isinstance(model_input, dict):
-        import pandas as pd  # noqa: F811
-
-        return _as_inputs(pd.DataFrame(model_input))
+        return _frame_inputs(pd.DataFrame(model_input))
     if isinstance(model_input, Sequence):
         out = []
-        for item in model_input:
+        for i, item in enumerate(model_input):
             if isinstance(item, (str, os.PathLike)):
                 out.append(str(item))
-            elif isinstance(item, dict) and ("path" in item or "image" in item):
-                out.append(str(item["path"]) if "path" in item else _as_image(item["image"]))
+            elif isinstance(item, dict) and any(c in item for c in INPUT_COLUMNS):
+                out.append(_pick(i, [(c, item[c]) for c in INPUT_COLUMNS if c in item]))
             else:
                 out.append(_as_image(item))
         return out
     raise ValueError(f"unsupported model input type {type(model_input).__name__}")
+
+
+def _bad_input(exc: Exception):
+    """Bad input as MLflow's INVALID_PARAMETER_VALUE: HTTP 400 with the message."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(str(exc))
 
 
 def predictions_frame(results: list, return_map: bool = False):
@@ -122,11 +168,17 @@ class ReContrastModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: Optional[dict] = None):
         if self._detector is None:
             raise RuntimeError("model not loaded: load it with mlflow.pyfunc.load_model")
+        from ..errors import UserError
+
         return_map = bool((params or {}).get("return_map", False))
-        images = _as_inputs(model_input)
-        if not images:
-            return predictions_frame([], return_map)
-        results = self._detector.predict(images)
+        images: list = []
+        try:
+            images = _as_inputs(model_input)
+            if not images:
+                return predictions_frame([], return_map)
+            results = self._detector.predict(images)
+        except (ValueError, UserError) as exc:
+            raise _bad_input(_name_row(exc, images)) from exc
         if not return_map:
             results = [{k: v for k, v in r.items() if k != "anomaly_map"} for r in results]
         elif any(r.get("anomaly_map") is None for r in results):
@@ -138,10 +190,17 @@ class ReContrastModel(mlflow.pyfunc.PythonModel):
         return predictions_frame(results, return_map)
 
 
+def _name_row(exc: Exception, images: list) -> Exception:
+    """A file error from the detector (it names the file) also names the row."""
+    path = getattr(exc, "path", None)
+    rows = [i for i, im in enumerate(images) if isinstance(im, str) and im == path]
+    return ValueError(f"row {rows[0]}: {exc}") if rows else exc
+
+
 def model_signature():
-    """Input ``path: string`` (or ``image: any``, an array per row; one of the two);
-    output score/normalized_score double, decision boolean; param
-    ``return_map: boolean = False``."""
+    """Inputs (all optional, one per row): ``path: string``, ``image: any`` (an array per
+    row), ``image_b64: string`` (base64 of an encoded image file); outputs
+    score/normalized_score double, decision boolean; param ``return_map: boolean = False``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import AnyType
@@ -150,6 +209,7 @@ def model_signature():
         [
             ColSpec(DataType.string, "path", required=False),
             ColSpec(AnyType(), "image", required=False),
+            ColSpec(DataType.string, "image_b64", required=False),
         ]
     )
     outputs = Schema(

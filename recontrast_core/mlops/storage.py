@@ -7,12 +7,13 @@ the explicit URL, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` / ``S3_END
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 from urllib.parse import urlparse
 
 from ..errors import UserError, WeightsUnavailableError
@@ -68,6 +69,39 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+@contextlib.contextmanager
+def s3_errors(uri: str) -> Iterator[None]:
+    """S3 failures as one-line :class:`UserError` naming ``uri`` (no credentials, an S3
+    error code such as NoSuchBucket or AccessDenied, an unreachable endpoint)."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except NoCredentialsError as exc:
+        raise UserError(
+            f"{uri}: no S3 credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "or an AWS profile)"
+        ) from exc
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise UserError(f"{uri}: S3 error {code or ''}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise UserError(f"{uri}: cannot reach S3 ({exc})") from exc
+
+
+def iter_s3_pages(client, bucket: str, prefix: str) -> Iterator[list[dict]]:
+    """The objects under ``prefix``, one listing page (up to 1000) at a time, each page
+    fetched with retries; nothing is listed before it is asked for."""
+    token: Optional[str] = None
+    while True:
+        kw = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = with_retries(lambda kw=kw: client.list_objects_v2(**kw), f"list s3://{bucket}/{prefix}")
+        yield page.get("Contents", []) or []
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+
+
 def download_s3_prefix(
     uri: str,
     dest: PathLike,
@@ -79,8 +113,6 @@ def download_s3_prefix(
     prefix). Unchanged objects (same ETag as recorded in ``dest/.s3-index.json``) are not
     downloaded again. Credentials come from the environment / AWS config only.
     Returns ``{"objects": n, "downloaded": n, "bytes": n}``."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
     bucket, prefix = parse_s3_uri(uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
@@ -91,49 +123,43 @@ def download_s3_prefix(
     index: dict[str, str] = read_json(index_path) or {}
     stats = {"objects": 0, "downloaded": 0, "bytes": 0}
     try:
-        paginator = client.get_paginator("list_objects_v2")
-        pages = with_retries(lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)), f"list {uri}")
-        for page in pages:
-            for obj in page.get("Contents", []) or []:
-                key = obj["Key"]
-                rel = key[len(prefix):]
-                if not rel or rel.endswith("/"):
-                    continue  # folder marker
-                parts = Path(rel).parts
-                if any(p in ("..", "") for p in parts) or Path(rel).is_absolute():
-                    raise UserError(f"s3://{bucket}/{key}: unsafe object key")
-                target = dest.joinpath(*parts)
-                stats["objects"] += 1
-                etag = str(obj.get("ETag", ""))
-                if target.is_file() and index.get(rel) == etag and target.stat().st_size == obj["Size"]:
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".part")
-
-                def _get(key=key, tmp=tmp):
-                    client.download_file(bucket, key, str(tmp))
-
-                with_retries(_get, f"download s3://{bucket}/{key}")
-                os.replace(tmp, target)
-                index[rel] = etag
-                stats["downloaded"] += 1
-                stats["bytes"] += int(obj["Size"])
-    except NoCredentialsError as exc:
-        raise UserError(
-            f"{uri}: no S3 credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-            "or an AWS profile)"
-        ) from exc
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        raise UserError(f"{uri}: S3 error {code or ''}: {exc}") from exc
-    except BotoCoreError as exc:
-        raise UserError(f"{uri}: cannot reach S3 ({exc})") from exc
+        with s3_errors(uri):
+            _download_objects(client, bucket, prefix, dest, index, stats)
     finally:
         if stats["downloaded"]:
             atomic_write_json(index_path, index)
     if stats["objects"] == 0:
         raise UserError(f"{uri}: no objects under this prefix")
     return stats
+
+
+def _download_objects(client, bucket: str, prefix: str, dest: Path, index: dict, stats: dict) -> None:
+    """The loop of :func:`download_s3_prefix` (page by page; unchanged objects skipped)."""
+    for page in iter_s3_pages(client, bucket, prefix):
+        for obj in page:
+            key = obj["Key"]
+            rel = key[len(prefix):]
+            if not rel or rel.endswith("/"):
+                continue  # folder marker
+            parts = Path(rel).parts
+            if any(p in ("..", "") for p in parts) or Path(rel).is_absolute():
+                raise UserError(f"s3://{bucket}/{key}: unsafe object key")
+            target = dest.joinpath(*parts)
+            stats["objects"] += 1
+            etag = str(obj.get("ETag", ""))
+            if target.is_file() and index.get(rel) == etag and target.stat().st_size == obj["Size"]:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+
+            def _get(key=key, tmp=tmp):
+                client.download_file(bucket, key, str(tmp))
+
+            with_retries(_get, f"download s3://{bucket}/{key}")
+            os.replace(tmp, target)
+            index[rel] = etag
+            stats["downloaded"] += 1
+            stats["bytes"] += int(obj["Size"])
 
 
 def fetch_dvc_path(

@@ -141,13 +141,17 @@ def dump_settings(cfg: PipelineConfig) -> str:
 
 
 def with_run_values(settings: Union[PipelineConfig, Mapping[str, Any]], *, source: str = "",
-                    adapt_method: str = "", shots: int = 0, model_name: str = "") -> PipelineConfig:
+                    adapt_method: str = "", shots: int = 0, model_name: str = "", train_backend: str = "",
+                    num_nodes: int = 0, gpus_per_node: int = 0) -> PipelineConfig:
     """The KFP pipeline's per-run parameters on top of its settings parameter (empty = keep)."""
     return apply_overrides(settings, {
         "data.source": source or None,
         "adapt_method": adapt_method or None,
         "shots": shots or None,
         "registry.model_name": model_name or None,
+        "train_backend": train_backend or None,
+        "trainjob.num_nodes": num_nodes or None,
+        "trainjob.gpus_per_node": gpus_per_node or None,
     })
 
 

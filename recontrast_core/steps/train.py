@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
+from ..distributed import is_main_process
 from ..runtime import ensure_output_dir
 from ..train import train_model
 from .artifacts import with_local_weights, PathLike, find_encoder, load_manifest, select_shots
@@ -28,7 +29,8 @@ def train(
     returns the bundle folder (``out_dir/bundle``; checkpoints in ``out_dir/checkpoints``).
 
     ``init_encoder``: an adapted encoder (file or adapt output folder; a skipped adapt
-    output counts as none)."""
+    output counts as none). Under ``torchrun`` every process calls this; rank 0 alone logs
+    to MLflow (and writes the bundle)."""
     out = ensure_output_dir(out_dir)
     cfg = with_local_weights(settings.train, out)
     encoder = find_encoder(init_encoder)
@@ -36,6 +38,8 @@ def train(
     params = {"train": cfg, "inference": settings.inference, "calibration": settings.calibration,
               "shots": settings.shots or 0, "init_encoder": "adapted" if encoder else "backbone weights",
               "n_train_images": len(rows)}
+    if not is_main_process():
+        pipeline_run_id = None  # one MLflow run per step, from rank 0
     with step_tracking("train", pipeline_run_id, settings.tracking, params=params,
                        dataset_fingerprint=rows.fingerprint) as run_id:
         result = train_model(rows, cfg, out, init_encoder=str(encoder) if encoder else None, resume=resume,

@@ -42,10 +42,10 @@ def test_msc_adapt_then_train_starts_from_adapted_weights(magnetic_tile_root: Pa
     captured: dict[str, dict[str, torch.Tensor]] = {}
     original_init = train_module.Trainer.__init__
 
-    def spy(self, model, train_cfg, device):
+    def spy(self, model, train_cfg, device, *args, **kwargs):
         captured["encoder"] = {k: v.detach().clone() for k, v in model.encoder.body.state_dict().items()}
         captured["frozen"] = {k: v.detach().clone() for k, v in model.frozen.body.state_dict().items()}
-        original_init(self, model, train_cfg, device)
+        original_init(self, model, train_cfg, device, *args, **kwargs)
 
     monkeypatch.setattr(train_module.Trainer, "__init__", spy)
     tcfg = TrainConfig(image_size=64, iterations=2, batch_size=4, device="cpu", log_every=1, checkpoint_every=2)

@@ -318,7 +318,7 @@ def test_pyfunc_model_roundtrip(client, tmp_path, fake_bundle_module):
     with tracking.step_run(pid, "register", experiment="pyfunc-tests") as run_id:
         info = log_pyfunc(_fake_bundle(tmp_path, "py"))  # default example: a grey image
     assert info.saved_input_example_info is not None
-    assert info.signature.inputs.input_names() == ["path", "image"]
+    assert info.signature.inputs.input_names() == ["path", "image", "image_b64"]
     assert info.signature.outputs.input_names() == ["score", "normalized_score", "decision"]
     version = register_candidate(run_id, name, pid, {"image_auroc": 0.9}, FP_A, client=client)
     assert promote_if_better(client, name, version, POLICY).promote

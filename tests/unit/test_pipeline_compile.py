@@ -83,7 +83,7 @@ def test_no_credential_values_in_yaml(compiled: Path) -> None:
 def test_train_requests_gpu_with_node_placement_and_shm(compiled: Path) -> None:
     spec, platform = _docs(compiled)
     train_execs = _executors_of(spec, "train-op")
-    assert len(train_execs) == 2, train_execs  # the adapt branch and the plain branch
+    assert len(train_execs) == 2, train_execs  # the adapt branch and the plain branch (train in its pod)
     for label in train_execs:
         res = spec["deploymentSpec"]["executors"][label]["container"]["resources"]
         assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -96,9 +96,55 @@ def test_train_requests_gpu_with_node_placement_and_shm(compiled: Path) -> None:
         assert shm and shm[0]["medium"] == "Memory"
 
 
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the pipeline and its sub-pipelines, by ``<dag>/<task>``."""
+    dags = {"root": spec["root"]["dag"], **{n: c["dag"] for n, c in spec["components"].items() if "dag" in c}}
+    return {f"{d}/{name}": task for d, dag in dags.items() for name, task in dag.get("tasks", {}).items()}
+
+
+def _conditions(node) -> list[str]:
+    found = []
+    if isinstance(node, dict):
+        if "triggerPolicy" in node:
+            found.append(node["triggerPolicy"]["condition"])
+        for v in node.values():
+            found += _conditions(v)
+    elif isinstance(node, list):
+        for v in node:
+            found += _conditions(v)
+    return found
+
+
+def test_train_backend_trainjob_is_a_branch_with_a_small_launcher_pod(compiled: Path) -> None:
+    """train_backend "trainjob": the train task is ``train_job_op`` (in both adapt branches),
+    a pod without a GPU that starts the TrainJob on the project image with the node and GPU
+    counts of the run; "pod" (the default) keeps the GPU train pod."""
+    spec, platform = _docs(compiled)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["train_backend"]["defaultValue"] == "pod"
+    assert params["num_nodes"]["defaultValue"] == 0 and params["gpus_per_node"]["defaultValue"] == 0
+    conditions = _conditions(spec)
+    assert any("train_backend" in c and "== 'trainjob'" in c and not c.startswith("!") for c in conditions)
+    assert any(c.startswith("!(") and "train_backend" in c for c in conditions)  # the pod branch
+
+    jobs = {k: t for k, t in _tasks(spec).items() if t["componentRef"]["name"].startswith("comp-train-job-op")}
+    assert len(jobs) == 2, list(jobs)  # adapted encoder or backbone weights
+    for task in jobs.values():
+        inputs = task["inputs"]["parameters"]
+        assert inputs["image"]["runtimeValue"]["constant"] == "ghcr.io/recontrast/recontrast:0.1.0"
+        assert "num_nodes" in inputs["num_nodes"]["componentInputParameter"]
+        assert "gpus_per_node" in inputs["gpus_per_node"]["componentInputParameter"]
+        assert task["taskInfo"]["name"] == "train (TrainJob)"
+    for label in _executors_of(spec, "train-job-op"):
+        res = spec["deploymentSpec"]["executors"][label]["container"]["resources"]
+        assert "accelerator" not in res and res["resourceCpuRequest"] == "1"  # the GPUs are the TrainJob's
+        assert "nodeSelector" not in platform[label]
+        assert "train_job_op" in " ".join(spec["deploymentSpec"]["executors"][label]["container"]["args"])
+
+
 def test_every_step_gets_secrets_as_env(compiled: Path) -> None:
     spec, platform = _docs(compiled)
-    for prefix in ("ingest-op", "adapt-op", "train-op", "evaluate-op", "register-op"):
+    for prefix in ("ingest-op", "adapt-op", "train-op", "train-job-op", "evaluate-op", "register-op"):
         labels = _executors_of(spec, prefix)
         assert labels, prefix
         for label in labels:
@@ -127,7 +173,7 @@ def test_retries_on_io_steps_and_caching(compiled: Path) -> None:
     for comp in ("comp-ingest-op", "comp-register-op", "comp-evaluate-op"):
         for task in by_comp[comp]:
             assert task["retryPolicy"]["maxRetryCount"] == 3, comp
-    for comp in ("comp-train-op", "comp-adapt-op", "comp-evaluate-op"):
+    for comp in ("comp-train-op", "comp-train-job-op", "comp-adapt-op", "comp-evaluate-op"):
         for task in by_comp[comp]:
             assert task["cachingOptions"].get("enableCache") is True, comp
     for comp in ("comp-ingest-op", "comp-register-op"):
@@ -169,6 +215,9 @@ def test_image_is_overridable_at_compile_time(tmp_path: Path) -> None:
     spec, _ = _docs(out)
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example/ml/recontrast:test"}
+    job_images = {t["inputs"]["parameters"]["image"]["runtimeValue"]["constant"]
+                  for t in _tasks(spec).values() if t["componentRef"]["name"].startswith("comp-train-job-op")}
+    assert job_images == {"registry.example/ml/recontrast:test"}  # the TrainJob's nodes run the same image
 
 
 def test_local_runs_drop_the_cluster_retries() -> None:
@@ -183,7 +232,7 @@ def test_local_runs_drop_the_cluster_retries() -> None:
         return [t.retry_policy.max_retry_count for d in dags for t in d.tasks.values()]
 
     before = retries(training_pipeline.pipeline_spec)
-    assert before.count(3) == 5  # ingest + evaluate and register in both branches
+    assert before.count(3) == 9  # ingest + evaluate and register in both adapt branches of both backends
     with _without_retries(training_pipeline):
         assert set(retries(training_pipeline.pipeline_spec)) == {0}
     assert retries(training_pipeline.pipeline_spec) == before

@@ -1,4 +1,6 @@
-"""ReContrastModel.predict input forms and the logged signature (no MLflow server)."""
+"""ReContrastModel.predict input forms (path, image, image_b64), bad-input errors and the
+logged signature (no MLflow server; a stand-in detector, the real one is in
+tests/integration/test_serving.py)."""
 
 import numpy as np
 import pandas as pd
@@ -41,7 +43,7 @@ def test_input_forms():
     assert _as_inputs({"path": ["x.png"]}) == ["x.png"]
     from_json = _as_inputs(pd.DataFrame({"image": [[[0, 255], [3, 4]], [[0.5, 1.0]]]}))
     assert from_json[0].dtype == np.uint8 and from_json[1].dtype.kind == "f"
-    with pytest.raises(ValueError, match="'path' or 'image'"):
+    with pytest.raises(ValueError, match="'path', 'image' or 'image_b64'"):
         _as_inputs(pd.DataFrame({"other": [1]}))
 
 
@@ -64,8 +66,67 @@ def test_unloaded_model_says_so():
 
 def test_signature():
     sig = model_signature()
-    assert sig.inputs.input_names() == ["path", "image"]
+    assert sig.inputs.input_names() == ["path", "image", "image_b64"]
+    assert not any(c.required for c in sig.inputs.inputs)  # one of them per row
     assert sig.outputs.input_names() == ["score", "normalized_score", "decision"]
     assert [p.name for p in sig.params.params] == ["return_map"]
     d = sig.to_dict()
     assert '"boolean"' in d["outputs"]
+
+
+def _png_b64(path, array) -> str:
+    import base64
+
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_image_b64_decodes_like_the_file(tmp_path):
+    from recontrast_core.data.images import load_image_rgb
+
+    gray = np.random.default_rng(0).integers(0, 256, (7, 9), dtype=np.uint8)
+    b64 = _png_b64(tmp_path / "g.png", gray)
+    (arr,) = _as_inputs(pd.DataFrame({"image_b64": [b64]}))
+    assert arr.dtype == np.uint8 and np.array_equal(arr, load_image_rgb(tmp_path / "g.png"))
+    # rows may mix the forms; a data URL prefix and line breaks (base64 -w76) are accepted
+    wrapped = "data:image/png;base64," + "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+    mixed = _as_inputs(pd.DataFrame({"path": ["a.png", None], "image_b64": [None, wrapped]}))
+    assert mixed[0] == "a.png" and np.array_equal(mixed[1], arr)
+    assert np.array_equal(_as_inputs([{"image_b64": b64}])[0], arr)
+
+
+@pytest.mark.parametrize("frame, message", [
+    ({"image_b64": ["aGVsbG8=", "!!not base64!!"]}, r"row 0 \(image_b64\): not a readable PNG/JPEG"),
+    ({"image_b64": [None, "!!not base64!!"]}, "row 0: give exactly one of"),
+    ({"path": ["a.png", None], "image_b64": [None, "%%%"]}, r"row 1 \(image_b64\): not valid base64"),
+    ({"path": ["a.png"], "image_b64": ["aGVsbG8="]}, r"row 0: give exactly one of .* \(got path, image_b64\)"),
+    ({"image_b64": [""]}, r"row 0 \(image_b64\): empty image data"),
+])
+def test_bad_rows_are_named(frame, message):
+    from recontrast_core.errors import UserError
+
+    with pytest.raises((ValueError, UserError), match=message):
+        _as_inputs(pd.DataFrame(frame))
+
+
+def test_predict_reports_bad_input_as_invalid_parameter(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    m = _model()
+    with pytest.raises(MlflowException, match=r"row 1 \(image_b64\): not valid base64") as err:
+        m.predict(None, pd.DataFrame({"path": ["a", None], "image_b64": [None, "@@"]}))
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE" and err.value.get_http_status_code() == 400
+
+    class FileReadingDetector(_FakeDetector):  # reads files like the real one (to_model_input)
+        def predict(self, images):
+            from recontrast_core.bundle import to_model_input
+
+            return super().predict([to_model_input(i, 8) for i in images])
+
+    m._detector = FileReadingDetector()
+    ok = tmp_path / "ok.png"
+    _png_b64(ok, np.zeros((4, 4), np.uint8))
+    with pytest.raises(MlflowException, match=r"row 1: .*missing\.png: file not found"):
+        m.predict(None, pd.DataFrame({"path": [str(ok), str(tmp_path / "missing.png")]}))

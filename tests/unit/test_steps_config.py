@@ -54,6 +54,8 @@ def test_run_values_override_the_settings_parameter() -> None:
     cfg = with_run_values(base, source="s3://b/p", adapt_method="msc", shots=4, model_name="m")
     assert (cfg.data.source, cfg.adapt_method, cfg.shots, cfg.registry.model_name) == ("s3://b/p", "msc", 4, "m")
     assert with_run_values(base) == PipelineConfig()  # empty run values keep the settings
+    job = with_run_values(base, train_backend="trainjob", num_nodes=2, gpus_per_node=4)
+    assert (job.train_backend, job.trainjob.num_nodes, job.trainjob.gpus_per_node) == ("trainjob", 2, 4)
 
 
 def _manifest(root: Path) -> Manifest:
@@ -118,7 +120,9 @@ def test_pipeline_parameters_are_the_settings_plus_run_values() -> None:
 
     args = pipeline_arguments(PipelineConfig())
     inputs = training_pipeline.component_spec.inputs
-    assert set(inputs) == {"settings", "source", "adapt_method", "shots", "model_name", "pipeline_run_id"}
+    assert set(inputs) == {"settings", "source", "adapt_method", "shots", "model_name", "pipeline_run_id",
+                           "train_backend", "num_nodes", "gpus_per_node"}
+    assert (args["train_backend"], args["num_nodes"], args["gpus_per_node"]) == ("pod", 1, 1)
     assert inputs["settings"].default == args["settings"]  # the defaults come from PipelineConfig only
     assert PipelineConfig.model_validate(inputs["settings"].default) == PipelineConfig()
 
@@ -179,7 +183,8 @@ def _changed_value(key: str, cfg: PipelineConfig):
                "adapt.level": -2, "adapt.freeze_levels": 1, "calibration.validation_fraction": 0.2,
                "adapt.coft.anomaly_fraction": 0.25, "adapt.coft.momentum": 0.5, "adapt.momentum": 0.5,
                "adapt.coft.np_margin": 0.1, "baseline.fraction": 0.2, "inference.topk_fraction": 0.02,
-               "calibration.target_fpr": 0.02, "train.alpha_warmup_fraction": 0.2}
+               "calibration.target_fpr": 0.02, "train.alpha_warmup_fraction": 0.2, "train_backend": "trainjob",
+               "train.sync_batchnorm": False, "trainjob.cpu_per_node": "16", "trainjob.memory_per_node": "64Gi"}
     if key in special:
         return special[key]
     if isinstance(node, bool):

@@ -1,0 +1,317 @@
+"""The KServe custom predictor: a registered model over the open inference protocol v2.
+
+``POST /v2/models/<name>/infer`` takes one ``BYTES`` input named ``image``, one element
+per image: base64 of an encoded image file (PNG, JPEG, BMP, TIFF, WebP) in JSON; an
+element that arrives as bytes (an in-process ``InferRequest``, gRPC) is the file itself
+unless it is base64 text. Optional request parameter ``return_map`` (bool). REST only
+(the gRPC port is off: a KServe predictor container exposes one port).
+Outputs: ``score`` FP64 [N], ``normalized_score`` FP64 [N] (0.5 = threshold), ``decision``
+BOOL [N] and, with ``return_map``, ``anomaly_map`` FP32 [N, S, S]; ``model_version`` and
+``parameters`` name the registry version that scored. Bad input is HTTP 400 with a
+one-line message naming the element.
+
+Health (kserve's ModelServer): ``/v2/health/live`` answers while the process runs;
+``/v2/models/<name>/ready`` is 200 once a model is loaded (503 before).
+
+Reload: ``models:/NAME@ALIAS`` is re-resolved by a daemon thread every ``poll_s``
+seconds; a new version is downloaded and loaded beside the served one and swapped in with
+one assignment, so requests in flight finish on the old model and none waits for the
+load. A failed load is logged and the old model keeps serving; the same version is tried
+again after ``FAILED_RETRY_S`` (a newer one at the next poll).
+Polling, not a restart on alias change: nothing outside the pod has to watch the registry,
+the pod stays ready throughout, and MLflow has no change notifications to subscribe to.
+``models:/NAME/VERSION`` is loaded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import UserError
+
+
+def _import_kserve():
+    """kserve parses ``sys.argv`` when imported (its server flags): hide ours from it."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        import kserve
+        from kserve import errors
+    finally:
+        sys.argv = argv
+    return kserve, errors
+
+
+kserve, kserve_errors = _import_kserve()
+
+log = logging.getLogger("recontrast.serve")
+
+INPUT_NAME = "image"
+DEFAULT_POLL_S = 30.0
+RETRY_S = 10.0  # between load attempts while nothing is served yet (polling off)
+FAILED_RETRY_S = 300.0  # a version that failed to load is tried again after this long
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+_BASE64 = re.compile(rb"^(data:[^,]*,)?[A-Za-z0-9+/=\s]*$")
+
+
+def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
+    m = _URI.match(uri.strip())
+    if not m:
+        raise UserError(f"--model takes models:/NAME@ALIAS or models:/NAME/VERSION, not {uri!r}")
+    return m["name"], m["alias"], m["version"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What answers requests: a registry version and its loaded detector."""
+
+    version: str
+    detector: Any
+
+
+class ReContrastPredictor(kserve.Model):
+    """A registered recontrast model as a kserve ``Model`` (see the module docstring)."""
+
+    def __init__(self, name: str, model_uri: str, *, poll_s: float = DEFAULT_POLL_S, device: str = "auto",
+                 tracking_uri: Optional[str] = None, client=None):
+        super().__init__(name)
+        self.model_uri = model_uri
+        self.registered_name, self.alias, self.fixed_version = parse_model_uri(model_uri)
+        self.poll_s = float(poll_s)
+        self.device = device
+        if client is None:
+            from .registry import get_client
+
+            client = get_client(tracking_uri)
+        self.client = client
+        self.served: Optional[Served] = None
+        self.last_error: Optional[str] = None
+        self._failed: tuple[str, float] = ("", 0.0)  # (version, when) of the last failed load
+        self._load_lock = threading.Lock()
+        self._score_lock = threading.Lock()  # one batch at a time on the device
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ loading
+    def target_version(self) -> str:
+        """The version the URI points at now; UserError when the model or alias is missing."""
+        from .registry import alias_version, get_registered_model, get_version
+
+        if self.fixed_version is not None:
+            return str(get_version(self.client, self.registered_name, self.fixed_version).version)
+        mv = alias_version(self.client, self.registered_name, self.alias)
+        if mv is None:
+            get_registered_model(self.client, self.registered_name)  # "no registered model named ..."
+            raise UserError(f"{self.registered_name}: no version has the alias {self.alias!r}")
+        return str(mv.version)
+
+    def refresh(self) -> bool:
+        """Load the target version if it is not the served one; True when a new one was swapped in."""
+        with self._load_lock:
+            version = self.target_version()
+            old = self.served
+            if old is not None and old.version == version:
+                return False
+            failed, when = self._failed
+            if old is not None and failed == version and time.monotonic() - when < FAILED_RETRY_S:
+                return False  # failed a moment ago: keep the served one, no download every poll
+            try:
+                detector = self._load(version)
+            except Exception:
+                self._failed = (version, time.monotonic())
+                raise
+            self.served = Served(version, detector)  # the swap: one assignment
+            self.ready = True
+            self.last_error = None
+            log.info("%s: serving %s version %s%s", self.name, self.registered_name, version,
+                     f" (was {old.version})" if old else "")
+            return True
+
+    def _load(self, version: str):
+        from ..bundle import load_detector
+        from .registry import download_bundle, get_version
+
+        mv = get_version(self.client, self.registered_name, version)
+        with tempfile.TemporaryDirectory(prefix="recontrast-serve-") as tmp:
+            bundle = download_bundle(self.client, self.registered_name, mv, tmp)
+            return load_detector(bundle, device=self.device)  # weights are in memory after this
+
+    def poll_once(self) -> None:
+        """One refresh; a failure is logged and the served model stays."""
+        try:
+            self.refresh()
+        except Exception as exc:  # registry down, bad bundle, out of memory: keep serving
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            kept = f"still serving version {self.served.version}" if self.served else "nothing served yet"
+            log.warning("%s: loading %s failed, %s: %s", self.name, self.model_uri, kept, self.last_error)
+
+    def start_polling(self) -> threading.Thread:
+        """The loader thread: loads now, then re-resolves the URI every ``poll_s`` seconds."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.poll_once()
+                polling = self.poll_s > 0 and self.fixed_version is None
+                if self.served is not None and not polling:
+                    return
+                self._stop.wait(self.poll_s if polling else RETRY_S)
+
+        self._thread = threading.Thread(target=loop, name="recontrast-model-loader", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    # ------------------------------------------------------------------ kserve hooks
+    def load(self) -> bool:
+        """kserve calls this on requests to a model that is not ready: never load in the
+        event loop (the loader thread does), just report."""
+        return self.ready
+
+    def start(self) -> None:
+        """Readiness means a loaded model: not set here."""
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.ready = False
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        size = self.served.detector.image_size if self.served else -1
+        return [{"name": "score", "datatype": "FP64", "shape": [-1]},
+                {"name": "normalized_score", "datatype": "FP64", "shape": [-1]},
+                {"name": "decision", "datatype": "BOOL", "shape": [-1]},
+                {"name": "anomaly_map", "datatype": "FP32", "shape": [-1, size, size]}]
+
+    async def predict(self, payload, headers=None, response_headers=None):
+        served = self.served
+        if served is None:
+            raise kserve_errors.ModelNotReady(self.name)
+        if not isinstance(payload, kserve.InferRequest):
+            raise kserve_errors.InvalidInput("use the open inference protocol v2 (POST /v2/models/<name>/infer)")
+        values = request_images(payload)
+        return_map = request_return_map(payload)
+        results = await asyncio.to_thread(self._score, served.detector, values, return_map)
+        return infer_response(payload, self.name, served.version, self.registered_name, results, return_map)
+
+    def _score(self, detector, values: list, return_map: bool) -> list[dict]:
+        try:
+            images = [decode_element(i, v) for i, v in enumerate(values)]
+        except UserError as exc:
+            raise kserve_errors.InvalidInput(str(exc)) from None
+        with self._score_lock:
+            return detector.predict(images, return_map=return_map)
+
+
+# ---------------------------------------------------------------------- the v2 messages
+def request_images(request) -> list:
+    """The elements of the request's ``image`` input (str or bytes each)."""
+    inputs = {i.name: i for i in request.inputs}
+    if INPUT_NAME not in inputs or inputs[INPUT_NAME].datatype != "BYTES":
+        got = [f"{i.name} ({i.datatype})" for i in request.inputs]
+        raise kserve_errors.InvalidInput(
+            f"expected a BYTES input named {INPUT_NAME!r} (base64 or encoded image files), got {got}")
+    try:
+        values = inputs[INPUT_NAME].as_numpy().ravel().tolist()
+    except Exception as exc:  # shape does not fit the data
+        raise kserve_errors.InvalidInput(f"input {INPUT_NAME!r}: {exc}") from None
+    if not values:
+        raise kserve_errors.InvalidInput(f"input {INPUT_NAME!r} holds no image")
+    return values
+
+
+def request_return_map(request) -> bool:
+    params = request.parameters or {}
+    if not isinstance(params, dict):  # gRPC parameters
+        from kserve.protocol.infer_type import to_http_parameters
+
+        params = to_http_parameters(params)
+    value = params.get("return_map", False)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise kserve_errors.InvalidInput(f"parameter return_map must be true or false, not {value!r}")
+    return value
+
+
+def decode_element(i: int, value) -> np.ndarray:
+    """Element ``i`` of the ``image`` input -> uint8 [H, W, 3]: text is base64; bytes are
+    base64 when they are base64 text, else the encoded file itself."""
+    from ..data.images import decode_base64_image, decode_image_bytes
+
+    name = f"image[{i}]"
+    if isinstance(value, str):
+        return decode_base64_image(value, name)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value)
+        if value and _BASE64.match(value):
+            return decode_base64_image(value, name)
+        return decode_image_bytes(value, name)
+    raise UserError(f"{name}: expected base64 text or image file bytes, got {type(value).__name__}")
+
+
+def infer_response(request, model_name: str, version: str, registered_name: str, results: list[dict],
+                   return_map: bool):
+    """Detector results -> the v2 response (the version that scored in ``parameters``)."""
+    n = len(results)
+    outputs = [
+        kserve.InferOutput("score", [n], "FP64", data=np.array([r["score"] for r in results], np.float64)),
+        kserve.InferOutput("normalized_score", [n], "FP64",
+                           data=np.array([r["normalized_score"] for r in results], np.float64)),
+        kserve.InferOutput("decision", [n], "BOOL", data=np.array([r["decision"] for r in results], np.bool_)),
+    ]
+    if return_map:
+        maps = np.stack([np.asarray(r["anomaly_map"], np.float32) for r in results])
+        outputs.append(kserve.InferOutput("anomaly_map", list(maps.shape), "FP32", data=maps))
+    return kserve.InferResponse(
+        response_id=request.id or str(uuid.uuid4()), model_name=model_name, infer_outputs=outputs,
+        model_version=version, use_binary_outputs=request.use_binary_outputs,
+        parameters={"registered_model": registered_name, "model_version": version,
+                    "model_uri": f"models:/{registered_name}/{version}"},
+    )
+
+
+# ---------------------------------------------------------------------- the server
+def serve(model_uri: str, *, name: Optional[str] = None, port: int = 8080, poll_s: float = DEFAULT_POLL_S,
+          device: str = "auto", tracking_uri: Optional[str] = None) -> None:
+    """Serve ``model_uri`` on ``port`` (REST, v2) until stopped; the model loads in the
+    background (ready when loaded). An unknown model or alias is a UserError before start."""
+    _configure_logging()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the pod's log
+    registered, _, _ = parse_model_uri(model_uri)
+    predictor = ReContrastPredictor(name or registered, model_uri, poll_s=poll_s, device=device,
+                                    tracking_uri=tracking_uri)
+    try:
+        version = predictor.target_version()
+    except UserError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"cannot resolve {model_uri} in the MLflow registry: {first}") from None
+    log.info("%s: %s is version %s; loading it, polling every %ss", predictor.name, model_uri, version,
+             poll_s if poll_s > 0 and predictor.fixed_version is None else "- (off)")
+    predictor.start_polling()
+    server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
+    server.register_model(predictor)
+    server.start([])  # registered above, not ready yet: readiness follows the loader thread
+
+
+def _configure_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
