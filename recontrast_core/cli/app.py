@@ -300,13 +300,13 @@ def _mount() -> None:
         try:
             sub = getattr(importlib.import_module(f"recontrast_core.cli.{module}"), attr)
         except ImportError as exc:
-            app.command(name, help=f"(unavailable: install recontrast[pipeline]; {exc})")(_unavailable(name, exc))
+            app.command(name, help=f"(unavailable: install recontrast\\[pipeline]; {exc})")(_unavailable(name, exc))
             continue
         app.add_typer(sub, name=name)
     try:
         from .demo import demo_command
     except ImportError as exc:
-        app.command("demo", help=f"(unavailable: install recontrast[pipeline]; {exc})")(_unavailable("demo", exc))
+        app.command("demo", help=f"(unavailable: install recontrast\\[pipeline]; {exc})")(_unavailable("demo", exc))
     else:
         app.command("demo", help="Run the whole pipeline locally on real data with embedded defaults.")(demo_command)
     try:

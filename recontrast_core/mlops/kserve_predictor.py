@@ -61,6 +61,20 @@ INPUT_NAME = "image"
 DEFAULT_POLL_S = 30.0
 RETRY_S = 10.0  # between load attempts while nothing is served yet (polling off)
 FAILED_RETRY_S = 300.0  # a version that failed to load is tried again after this long
+# Images per request: a bound on one request's memory (decoded images, maps); larger jobs
+# belong to batch scoring (docs/batch_scoring.md). RECONTRAST_MAX_IMAGES_PER_REQUEST overrides.
+DEFAULT_MAX_IMAGES = 64
+
+
+def max_images_per_request() -> int:
+    raw = os.environ.get("RECONTRAST_MAX_IMAGES_PER_REQUEST", str(DEFAULT_MAX_IMAGES))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"RECONTRAST_MAX_IMAGES_PER_REQUEST must be a positive integer, got {raw!r}")
+    return value
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 _BASE64 = re.compile(rb"^(data:[^,]*,)?[A-Za-z0-9+/=\s]*$")
 
@@ -229,6 +243,11 @@ def request_images(request) -> list:
         raise kserve_errors.InvalidInput(f"input {INPUT_NAME!r}: {exc}") from None
     if not values:
         raise kserve_errors.InvalidInput(f"input {INPUT_NAME!r} holds no image")
+    limit = max_images_per_request()
+    if len(values) > limit:
+        raise kserve_errors.InvalidInput(
+            f"input {INPUT_NAME!r} holds {len(values)} images, more than {limit} per request "
+            "(RECONTRAST_MAX_IMAGES_PER_REQUEST; score folders and buckets with `recontrast predict`)")
     return values
 
 
@@ -289,6 +308,7 @@ def serve(model_uri: str, *, name: Optional[str] = None, port: int = 8080, poll_
     """Serve ``model_uri`` on ``port`` (REST, v2) until stopped; the model loads in the
     background (ready when loaded). An unknown model or alias is a UserError before start."""
     _configure_logging()
+    max_images_per_request()  # a bad value stops the start (exit 2), not every request
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the pod's log
     registered, _, _ = parse_model_uri(model_uri)
     predictor = ReContrastPredictor(name or registered, model_uri, poll_s=poll_s, device=device,

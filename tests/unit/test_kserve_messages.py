@@ -91,3 +91,13 @@ def test_response_carries_outputs_and_the_version():
 def test_model_uri_must_name_an_alias_or_a_version(uri):
     with pytest.raises(UserError, match="models:/NAME@ALIAS or models:/NAME/VERSION"):
         parse_model_uri(uri)
+
+
+def test_requests_over_the_image_cap_are_refused(monkeypatch):
+    monkeypatch.setenv("RECONTRAST_MAX_IMAGES_PER_REQUEST", "2")
+    assert request_images(_request(["a", "b"])) == ["a", "b"]
+    with pytest.raises(kserve_errors.InvalidInput, match="holds 3 images, more than 2 per request"):
+        request_images(_request(["a", "b", "c"]))
+    monkeypatch.setenv("RECONTRAST_MAX_IMAGES_PER_REQUEST", "zero")
+    with pytest.raises(UserError, match="RECONTRAST_MAX_IMAGES_PER_REQUEST must be a positive integer"):
+        request_images(_request(["a"]))
