@@ -35,6 +35,8 @@ from recontrast_core.train import Trainer
 CONFIGS = {
     "paper": dict(backbone=BackboneConfig(name="wide_resnet50_2", weights="none")),
     "lite0": dict(backbone=BackboneConfig(name="tf_efficientnet_lite0", weights="none")),
+    "lite1": dict(backbone=BackboneConfig(name="tf_efficientnet_lite1", weights="none")),
+    "lite2": dict(backbone=BackboneConfig(name="tf_efficientnet_lite2", weights="none")),
 }
 
 
