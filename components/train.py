@@ -17,17 +17,11 @@ def train_op(
     init_encoder: Input[Artifact] = None,
 ):
     """Writes the model bundle into ``bundle``; ``init_encoder``: the adapt output, if any."""
-    from pathlib import Path
-
     from recontrast_core.steps import train
+    from recontrast_core.steps.artifacts import bundle_metadata
     from recontrast_core.steps.settings import with_run_values
 
     cfg = with_run_values(settings, shots=shots)
     bundle_dir = train(dataset.path, bundle.path, cfg, init_encoder=init_encoder.path if init_encoder else None,
                        pipeline_run_id=pipeline_run_id or kfp_run_id, progress=False)
-    bundle.metadata.update({
-        "framework": "recontrast",
-        "backbone": cfg.train.backbone.name,
-        "adapted_encoder": init_encoder is not None,
-        "bundle_subdir": str(Path(bundle_dir).relative_to(Path(bundle.path))),
-    })
+    bundle.metadata.update(bundle_metadata(cfg, bundle_dir, bundle.path, adapted=init_encoder is not None))

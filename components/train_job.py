@@ -22,8 +22,7 @@ def train_job_op(
     """Starts the TrainJob (``image``: the project image the nodes run; ``num_nodes`` /
     ``gpus_per_node`` > 0 override ``settings.trainjob``), waits for it, and writes the
     trained bundle into ``bundle``; a failed job fails this task with its pod's message."""
-    from pathlib import Path
-
+    from recontrast_core.steps.artifacts import bundle_metadata
     from recontrast_core.steps.settings import with_run_values
     from recontrast_core.steps.train_job import run_train_job
 
@@ -31,11 +30,6 @@ def train_job_op(
     bundle_dir = run_train_job(dataset.uri, bundle.uri, bundle.path, cfg, image=image,
                                encoder_uri=init_encoder.uri if init_encoder else None,
                                pipeline_run_id=pipeline_run_id or kfp_run_id, on_status=print)
-    bundle.metadata.update({
-        "framework": "recontrast",
-        "backbone": cfg.train.backbone.name,
-        "adapted_encoder": init_encoder is not None,
-        "bundle_subdir": str(Path(bundle_dir).relative_to(Path(bundle.path))),
-        "train_backend": "trainjob",
-        "gpus": cfg.trainjob.num_nodes * cfg.trainjob.gpus_per_node,
-    })
+    bundle.metadata.update(bundle_metadata(cfg, bundle_dir, bundle.path, adapted=init_encoder is not None,
+                                           train_backend="trainjob",
+                                           gpus=cfg.trainjob.num_nodes * cfg.trainjob.gpus_per_node))

@@ -27,7 +27,7 @@ import torch
 from . import __version__
 from .calibration import Calibration, decide, normalise
 from .config import BackboneConfig, InferenceConfig, TrainConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .data.cache import batch_slices
 from .inference import normalize_images, predict_batch
 from .models import build_model
@@ -246,4 +246,4 @@ def _first_error(exc: Exception) -> str:
     if callable(errors):
         e = errors()[0]
         return f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return first_line(exc)

@@ -202,7 +202,7 @@ def load_torch_file(path: Path, what: str, map_location="cpu", error: Optional[t
 
 def read_safetensors(path: Path, what: str, error: Optional[type] = None) -> dict:
     """A safetensors file as a dict of tensors, or a one-line UserError naming the file."""
-    from .errors import UserError
+    from .errors import UserError, first_line
 
     error = error or UserError
     path = Path(path)
@@ -213,5 +213,4 @@ def read_safetensors(path: Path, what: str, error: Optional[type] = None) -> dic
 
         return load_file(str(path))
     except Exception as exc:  # truncated, not a safetensors file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise error(f"{path}: cannot read the {what}: corrupt or truncated ({first})") from None
+        raise error(f"{path}: cannot read the {what}: corrupt or truncated ({first_line(exc, 160)})") from None

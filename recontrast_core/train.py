@@ -34,7 +34,7 @@ from .models import build_model
 from .calibration import fit_calibration
 from .config import CalibrationConfig, InferenceConfig, TrainConfig
 from .data.manifest import Manifest, split_validation
-from .errors import UserError
+from .errors import UserError, first_line
 from .losses import alpha_at, recontrast_loss
 from .models.recontrast import ReContrast
 from .progress import track_steps
@@ -222,8 +222,7 @@ class Trainer:
             self.opt_decoder.load_state_dict(state["opt_decoder"])
             self.opt_encoder.load_state_dict(state["opt_encoder"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise UserError(f"{path}: checkpoint does not fit this model ({first})") from None
+            raise UserError(f"{path}: checkpoint does not fit this model ({first_line(exc, 160)})") from None
         return (int(state["iteration"]), list(state["history"]), [float(x) for x in state.get("pending_losses", [])],
                 float(state.get("elapsed_s", 0.0)))
 

@@ -39,7 +39,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
+from .model_source import parse_model_uri
 
 
 def _import_kserve():
@@ -75,16 +76,7 @@ def max_images_per_request() -> int:
     if value < 1:
         raise UserError(f"RECONTRAST_MAX_IMAGES_PER_REQUEST must be a positive integer, got {raw!r}")
     return value
-_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 _BASE64 = re.compile(rb"^(data:[^,]*,)?[A-Za-z0-9+/=\s]*$")
-
-
-def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
-    m = _URI.match(uri.strip())
-    if not m:
-        raise UserError(f"--model takes models:/NAME@ALIAS or models:/NAME/VERSION, not {uri!r}")
-    return m["name"], m["alias"], m["version"]
 
 
 @dataclass(frozen=True)
@@ -318,8 +310,7 @@ def serve(model_uri: str, *, name: Optional[str] = None, port: int = 8080, poll_
     except UserError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"cannot resolve {model_uri} in the MLflow registry: {first}") from None
+        raise UserError(f"cannot resolve {model_uri} in the MLflow registry: {first_line(exc)}") from None
     log.info("%s: %s is version %s; loading it, polling every %ss", predictor.name, model_uri, version,
              poll_s if poll_s > 0 and predictor.fixed_version is None else "- (off)")
     predictor.start_polling()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..filenames import BUNDLE_META_FILE, BUNDLE_WEIGHTS_FILE
 
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -25,6 +25,14 @@ class ResolvedModel:
     uri: str          # as given
     version: str      # "NAME/VERSION", "run:RUN_ID/PATH" or "bundle:<sha256 prefix of its files>"
     bundle_dir: Path
+
+
+def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
+    m = _MODELS.match(uri.strip())
+    if not m:
+        raise UserError(f"--model takes models:/NAME@ALIAS or models:/NAME/VERSION, not {uri!r}")
+    return m["name"], m["alias"], m["version"]
 
 
 def is_model_uri(text: str) -> bool:
@@ -54,8 +62,7 @@ def _find_bundle(root: Path, uri: str) -> Path:
 
 
 def _mlflow_errors(uri: str, exc: Exception) -> UserError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return UserError(f"{uri}: cannot resolve the model ({first})")
+    return UserError(f"{uri}: cannot resolve the model ({first_line(exc)})")
 
 
 def _registered(uri: str, m: re.Match, dest: Path, tracking_uri: Optional[str]) -> ResolvedModel:

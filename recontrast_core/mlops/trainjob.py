@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..errors import first_line
 from .cluster import (CONFIG_MAP, CONFIG_MAP_KEYS, GPU_NODE_SELECTOR, GPU_TOLERATION, MLFLOW_SECRET, MLFLOW_SECRET_KEYS,
                       S3_SECRET, S3_SECRET_KEYS, SHM_SIZE)
 
@@ -136,7 +137,7 @@ def _with_cause(exc: BaseException) -> str:
         except (TypeError, ValueError, AttributeError):
             detail = ""
         return f"{exc} (HTTP {root.status} {root.reason}{': ' + detail if detail else ''})"
-    return f"{exc} ({(str(root).strip().splitlines() or [type(root).__name__])[0]})"
+    return f"{exc} ({first_line(root, limit=None)})"
 
 
 def wait(client, name: str, *, timeout_s: float, poll_s: float = 15.0,

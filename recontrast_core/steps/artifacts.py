@@ -141,3 +141,14 @@ def with_local_weights(cfg, out_dir: PathLike):
 
     weights = localize_weights(cfg.backbone.weights, Path(out_dir) / ".weights")
     return cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": weights})})
+
+
+def bundle_metadata(cfg, bundle_dir: PathLike, artifact_path: PathLike, adapted: bool, **extra) -> dict:
+    """The KFP Model artifact's metadata for a trained bundle (both train components)."""
+    return {
+        "framework": "recontrast",
+        "backbone": cfg.train.backbone.name,
+        "adapted_encoder": adapted,
+        "bundle_subdir": str(Path(bundle_dir).relative_to(Path(artifact_path))),
+        **extra,
+    }
