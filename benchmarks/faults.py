@@ -289,7 +289,9 @@ def promotion_sequences(client, n: int, tmp: Path, seed: int = 0) -> dict:
     from recontrast_core.promotion import PromotionPolicy
 
     rng = random.Random(seed)
-    policy = PromotionPolicy(floors={"image_auroc": 0.5}, margin=0.005)
+    # Concurrency of the gate, not the baseline floor: these synthetic candidates have no
+    # training-free baseline, so the floor (which fails closed) is off.
+    policy = PromotionPolicy(floors={"image_auroc": 0.5}, margin=0.005, baseline_floor=False)
     worse, broken, actions, forced = 0, 0, 0, 0
     details = []
     for s in range(n):

@@ -7,7 +7,10 @@
 #                 Python 3.12 manylinux wheels;
 #   .gpu/data/magnetic-tile-dev/  a copy of the real dataset.
 # .gpu/ is git-ignored and stays under the 64 MiB a device call may carry (about 50 MiB).
-# Then run there, in one call:  bash benchmarks/gpu_run.sh   (carry: .gpu)
+# CHECK=1 also runs the suite here with --tiny (CPU, < 1 min) before any device time is spent.
+# Then run there, in one call:  bash benchmarks/gpu_run.sh [--sections a,b]   (carry: .gpu)
+# gpu_run.sh stops the suite after GPU_SUITE_TIMEOUT s (default 520): give the device call a
+# limit a few tens of seconds above that (the wheel install and the start come first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -26,4 +29,14 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
 cp -r "$DATA" .gpu/data/magnetic-tile-dev
 du -sh .gpu/wheels .gpu/data
 ls .gpu/wheels
-echo "ready: run 'bash benchmarks/gpu_run.sh' on the GPU machine with .gpu carried"
+if [ "${CHECK:-0}" = 1 ]; then
+  CHECK_OUT=$(mktemp -d)
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" benchmarks/gpu_suite.py --tiny --data .gpu/data/magnetic-tile-dev \
+    --out "$CHECK_OUT" >/dev/null
+  "$PY" -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+bad = [s + "." + c + ": " + str(v.get("error")) for s, cs in r["sections"].items() for c, v in cs.items() if not v.get("ok")]
+print("gpu_suite --tiny:", "ok" if not bad else "FAILED " + "; ".join(bad)); sys.exit(1 if bad else 0)' \
+    "$CHECK_OUT/gpu_suite.json"
+fi
+echo "ready: run 'bash benchmarks/gpu_run.sh [--sections ...]' on the GPU machine with .gpu carried"

@@ -11,6 +11,12 @@ Training images/s counts optimiser steps x batch (the frozen copy's forward incl
 evaluation images/s counts the whole scoring path: forward, six-pair anomaly map,
 upsample, Gaussian blur (sigma 4) and image score, all on the device. Peak GPU memory
 is reported per phase. Timed regions end with a device synchronisation.
+
+``--compile`` compiles ``trainer.net`` (the module ``Trainer.step`` calls; ``trainer.model``
+is the bare network it wraps) and times the first step apart (``compile_s``); evaluation
+then runs the uncompiled network. On CUDA the optimisers are fused AdamW, or the unfused
+one when constructing or stepping the fused one fails (``adamw`` in each result says which);
+``versions`` (torch, timm, CUDA, cuDNN, the device) is printed first.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recontrast_core.models import build_model
-from recontrast_core.config import BackboneConfig, InferenceConfig, TrainConfig
-from recontrast_core.inference import predict_batch
-from recontrast_core.runtime import amp_dtype_for
-from recontrast_core.train import Trainer
+from gpu_suite import environment, make_trainer, probe_fused_adamw, trainer_step, unfused_adamw  # noqa: E402
+
+from recontrast_core.models import build_model  # noqa: E402
+from recontrast_core.config import BackboneConfig, InferenceConfig, TrainConfig  # noqa: E402
+from recontrast_core.inference import predict_batch  # noqa: E402
+from recontrast_core.runtime import amp_dtype_for  # noqa: E402
 
 CONFIGS = {
     "paper": dict(backbone=BackboneConfig(name="wide_resnet50_2", weights="none")),
@@ -49,24 +57,25 @@ def bench(name: str, device: torch.device, args) -> dict:
     cfg = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, device=str(device), amp=not args.fp32,
                       channels_last=not args.no_channels_last, decoder_blocks=tuple(args.decoder_blocks),
                       bottleneck_blocks=args.bottleneck_blocks, **CONFIGS[name])
-    trainer = Trainer(build_model(cfg), cfg, device)
-    compile_s = None
-    if args.compile:
-        t0 = time.perf_counter()
-        trainer.model = torch.compile(trainer.model)
-        trainer.step(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device), 1.0)
-        compile_s = round(time.perf_counter() - t0, 1)
+    trainer = make_trainer(build_model(cfg), cfg, device)
     x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    compile_s = None
+    if args.compile:
+        t0 = time.perf_counter()
+        trainer.net = torch.compile(trainer.net)  # what Trainer.step calls (trainer.model is never called)
+        trainer_step(trainer, x, 1.0)  # compilation happens here, on the timed input's layout
+        _sync(device)
+        compile_s = round(time.perf_counter() - t0, 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
-        trainer.step(x, 1.0)
+        trainer_step(trainer, x, 1.0)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.train_iters):
-        trainer.step(x, 1.0)
+        trainer_step(trainer, x, 1.0)
     _sync(device)
     train_s = time.perf_counter() - t0
     train_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -103,8 +112,9 @@ def bench(name: str, device: torch.device, args) -> dict:
         "bottleneck_blocks": cfg.bottleneck_blocks,
         "channels_last": cfg.channels_last,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "compiled": bool(args.compile),
+        "compiled": "trainer.net" if args.compile else None,
         "compile_s": compile_s,
+        "adamw": trainer.adamw,
     }
 
 
@@ -131,9 +141,16 @@ def main() -> None:
         from recontrast_core.runtime import configure_threads
 
         torch.set_num_threads(args.threads) if args.threads else configure_threads()
+    env = environment(device, tiny=False, data=None)
+    print("versions: " + json.dumps({k: env.get(k) for k in ("python", "torch", "timm", "cuda", "cudnn", "device", "tf32")}),
+          flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    results = [bench(name, device, args) for name in args.configs.split(",")]
+    fused_error = probe_fused_adamw(device)
+    if fused_error is not None:
+        print(f"fused AdamW failed ({fused_error}); using the unfused one", flush=True)
+    with unfused_adamw(active=fused_error is not None):
+        results = [bench(name, device, args) for name in args.configs.split(",")]
     for r in results:
         print(json.dumps(r))
     if args.json:

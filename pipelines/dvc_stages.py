@@ -43,14 +43,14 @@ STAGES = {
         "cmd": "python -m recontrast_core.steps train --params params.yaml --manifest artifacts/ingest "
                "--encoder artifacts/adapt --out artifacts/train",
         "data": ["artifacts/ingest", "artifacts/adapt"],
-        "params": ["shots", "train", "inference", "calibration", "tracking"],
+        "params": ["shots", "model", "train", "inference", "calibration", "tracking"],
         "outs": ["artifacts/train"],
     },
     "evaluate": {
         "cmd": "python -m recontrast_core.steps evaluate --params params.yaml --bundle artifacts/train "
                "--manifest artifacts/ingest --out artifacts/evaluate --summary artifacts/evaluate_metrics.json",
         "data": ["artifacts/train", "artifacts/ingest"],
-        "params": ["baseline", "train.device", "tracking"],
+        "params": ["baseline", "model", "shots", "calibration", "train.device", "tracking"],
         "outs": ["artifacts/evaluate"],
         "metrics": ["artifacts/evaluate_metrics.json"],
     },

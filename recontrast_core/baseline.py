@@ -13,9 +13,12 @@ with no training at all:
    (bilinear) to the image size and blurred like ReContrast's maps (Gaussian, sigma 4);
    the image score is the map's max.
 
-The encoder and its input statistics come from the detector being evaluated (its frozen
-copy: the ImageNet weights, or the adapted encoder when training started from one), so
-both see the same pixels.
+This is the ``patchknn`` model kind (:mod:`recontrast_core.models.patchknn`) on a given
+encoder, scored through the same head as every detector. With ``BaselineConfig.grid`` (the
+default) evaluation uses the strongest setting of the training-free grid instead
+(:mod:`recontrast_core.selection`); without it, the encoder and its input statistics come
+from the detector being evaluated (its frozen copy: the ImageNet weights, or the adapted
+encoder when training started from one), so both see the same pixels.
 """
 
 from __future__ import annotations
@@ -24,53 +27,19 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .config import BaselineConfig
-from .data.cache import batch_slices
-from .inference import gaussian_blur, normalize_images
+from .config import BaselineConfig, InferenceConfig, PatchKnnConfig
 from .models.backbones import Encoder
-
-def nearest_distances(bank: torch.Tensor, queries: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Euclidean distance of each query row to its nearest bank row: ``[Q]`` float32.
-
-    The nearest row is found with chunked ``|b|^2 - 2 q.b`` (one matrix product; memory
-    ``chunk x len(bank)``), then its distance is recomputed exactly as ``|q - b|``, which
-    avoids the expansion's cancellation error for near-identical rows."""
-    bank = bank.float()
-    b2 = (bank * bank).sum(1)
-    out = []
-    for sl in batch_slices(queries.shape[0], chunk):
-        q = queries[sl].float()
-        nearest = (b2.unsqueeze(0) - 2.0 * q @ bank.T).argmin(dim=1)
-        out.append((q - bank[nearest]).norm(dim=1))
-    return torch.cat(out) if out else torch.empty(0)
+from .models.patchknn import PatchKnnScorer, fit_patchknn
+from .models.patchknn.bank import greedy_coreset, nearest_distances, random_subsample  # noqa: F401 (public)
+from .scoring import ScoringHead
 
 
-def random_subsample(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
-    """Indices of a seeded random ``fraction`` of ``n`` rows (at least one)."""
-    k = max(1, int(round(n * fraction)))
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)[:k].sort().values
-
-
-def greedy_coreset(features: torch.Tensor, fraction: float, seed: int = 0, projection_dim: int = 128) -> torch.Tensor:
-    """PatchCore's greedy k-center selection on a seeded random projection of ``features``."""
-    n = features.shape[0]
-    k = max(1, int(round(n * fraction)))
-    g = torch.Generator().manual_seed(seed)
-    x = features.float()
-    if projection_dim and x.shape[1] > projection_dim:
-        proj = torch.randn(x.shape[1], projection_dim, generator=g) / projection_dim**0.5
-        x = x @ proj.to(x.device)
-    first = int(torch.randint(0, n, (1,), generator=g))
-    chosen = [first]
-    mind = torch.cdist(x, x[first : first + 1]).squeeze(1)
-    for _ in range(k - 1):
-        nxt = int(mind.argmax())
-        chosen.append(nxt)
-        mind = torch.minimum(mind, torch.cdist(x, x[nxt : nxt + 1]).squeeze(1))
-    return torch.tensor(sorted(chosen))
+def patchknn_settings(settings: BaselineConfig, encoder: Encoder, image_size: int) -> PatchKnnConfig:
+    """The baseline's settings as the patchknn kind's (the encoder is given, not named)."""
+    return PatchKnnConfig(backbone=encoder.name, image_size=image_size, levels=settings.levels,
+                          sampler=settings.sampler, fraction=settings.fraction, seed=settings.seed,
+                          projection_dim=settings.projection_dim, batch_size=settings.batch_size)
 
 
 class PatchBaseline:
@@ -82,51 +51,36 @@ class PatchBaseline:
         self.encoder = encoder.eval()
         self.settings = settings
         self.device = device or next(encoder.parameters()).device
-        self.bank: Optional[torch.Tensor] = None
+        self.scorer: Optional[PatchKnnScorer] = None
         self.n_train_patches = 0
+
+    @property
+    def bank(self) -> Optional[torch.Tensor]:
+        return None if self.scorer is None else self.scorer.bank
 
     @torch.inference_mode()
     def patch_features(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """``uint8 [B,3,S,S]`` -> ``float32 [B, C, S/8, S/8]`` patch descriptors."""
-        x = normalize_images(images_uint8, self.device, stats=self.encoder.stats)
-        feats = self.encoder(x)
-        a, b = (feats[i].float() for i in self.settings.levels)
-        a = F.avg_pool2d(a, 3, stride=1, padding=1)
-        b = F.avg_pool2d(b, 3, stride=1, padding=1)
-        b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([a, b], dim=1)
-
-    def _patches(self, images_uint8: torch.Tensor):
-        for sl in batch_slices(images_uint8.shape[0], self.settings.batch_size):
-            f = self.patch_features(images_uint8[sl])
-            yield f, f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        cfg = patchknn_settings(self.settings, self.encoder, int(images_uint8.shape[-1]))
+        return PatchKnnScorer(self.encoder, cfg).to(self.device).patch_features(images_uint8.to(self.device))
 
     def fit(self, images_uint8: torch.Tensor) -> "PatchBaseline":
         if images_uint8.shape[0] == 0:
             raise ValueError("the baseline needs at least one normal training image")
-        patches = torch.cat([p for _, p in self._patches(images_uint8)])
-        self.n_train_patches = patches.shape[0]
-        s = self.settings
-        if s.sampler == "coreset":
-            idx = greedy_coreset(patches, s.fraction, s.seed, s.projection_dim)
-        elif s.sampler == "random":
-            idx = random_subsample(patches.shape[0], s.fraction, s.seed).to(patches.device)
-        else:
-            raise ValueError(f"sampler must be 'random' or 'coreset', not {s.sampler!r}")
-        self.bank = patches[idx.to(patches.device)].contiguous()
+        cfg = patchknn_settings(self.settings, self.encoder, int(images_uint8.shape[-1]))
+        self.scorer = fit_patchknn(images_uint8, cfg, self.device, encoder=self.encoder)
+        self.n_train_patches = self.scorer.n_train_patches
         return self
 
     @torch.inference_mode()
     def score(self, images_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """``uint8 [N,3,S,S]`` -> (blurred maps ``[N,S,S]`` float32, image scores ``[N]``)."""
-        if self.bank is None:
+        if self.scorer is None:
             raise RuntimeError("PatchBaseline.score called before fit")
-        size = tuple(images_uint8.shape[-2:])
+        head = ScoringHead(self.scorer, InferenceConfig(gaussian_sigma=self.settings.gaussian_sigma))
         maps, scores = [], []
-        for f, p in self._patches(images_uint8):
-            d = nearest_distances(self.bank, p).view(f.shape[0], 1, f.shape[2], f.shape[3])
-            m = F.interpolate(d, size=size, mode="bilinear", align_corners=False).squeeze(1)
-            m = gaussian_blur(m, self.settings.gaussian_sigma)
+        for start in range(0, images_uint8.shape[0], self.settings.batch_size):
+            m, s = head.maps_and_scores(images_uint8[start:start + self.settings.batch_size].to(self.device))
             maps.append(m.cpu())
-            scores.append(m.flatten(1).amax(1).cpu())
+            scores.append(s.cpu())
         return torch.cat(maps).numpy(), torch.cat(scores).numpy()

@@ -3,84 +3,105 @@
 Layout::
 
     bundle/
-      model.safetensors   every tensor of the ReContrast model (frozen copy included)
-      bundle.json         format, library version, full TrainConfig, InferenceConfig,
-                          preprocessing, calibration (threshold + normalisation),
-                          dataset fingerprint, training summary
+      model.safetensors   every tensor of the detector: the ReContrast model (frozen copy
+                          included), the patch-kNN encoder and memory bank, or both (fused)
+      bundle.json         format, library version, model_kind, the kind's settings (full
+                          TrainConfig; patchknn / fusion settings), InferenceConfig,
+                          preprocessing, calibration (threshold + normalisation), dataset
+                          fingerprint, training summary, selection (model.kind auto)
 
-Loading needs no network: the architecture is rebuilt from the config with random
-weights and then every tensor is read from ``model.safetensors`` (strict).
+Loading needs no network: the kind's scorer is rebuilt from the settings with random
+weights and then every tensor is read from ``model.safetensors`` (strict). Bundles written
+before model kinds existed have no ``model_kind`` and load as ``recontrast``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import __version__
 from .calibration import Calibration, decide, normalise
-from .config import BackboneConfig, InferenceConfig, TrainConfig
+from .config import InferenceConfig, TrainConfig
 from .errors import UserError, first_line
 from .data.cache import batch_slices
-from .inference import normalize_images, predict_batch
-from .models import build_model
-from .models.backbones import InputStats
-from .models.recontrast import ReContrast
-from .runtime import amp_dtype_for, atomic_write, read_safetensors, resolve_device
+from .models.kinds import get_kind
+from .models.recontrast import ReContrast, ReContrastScorer
+from .runtime import amp_dtype_for, read_safetensors, resolve_device
+from .scoring import ScoringHead
 
 BUNDLE_FORMAT = "recontrast-bundle/1"
+DEFAULT_KIND = "recontrast"  # bundles without model_kind
 # Settings older bundles recorded that no longer exist (they never changed the model).
 RETIRED_TRAIN_KEYS = ("num_workers",)
 from .filenames import BUNDLE_META_FILE as META_FILE  # noqa: E402
 from .filenames import BUNDLE_WEIGHTS_FILE as WEIGHTS_FILE  # noqa: E402
 
 
+def _input_stats_of(scorer: nn.Module) -> dict:
+    if isinstance(scorer, ReContrastScorer):
+        stats = scorer.model.encoder.stats
+    elif hasattr(scorer, "encoder"):
+        stats = scorer.encoder.stats
+    else:  # fused: the patch-kNN branch's here, the ReContrast branch's in recontrast_preprocessing
+        stats = scorer.patchknn.encoder.stats
+    return {"mean": list(stats.mean), "std": list(stats.std)}
+
 
 def save_bundle(
     out_dir: Path,
-    model: ReContrast,
-    cfg: TrainConfig,
+    model: Union[ReContrast, nn.Module],
+    cfg: Optional[TrainConfig],
     inference: InferenceConfig,
     calibration: Calibration,
     *,
     dataset_fingerprint: Optional[str] = None,
     training: Optional[dict] = None,
+    selection: Optional[dict] = None,
 ) -> Path:
-    """Write the bundle into ``out_dir`` atomically (a temp dir renamed into place)."""
+    """Write the bundle into ``out_dir`` atomically (a temp dir renamed into place).
+
+    ``model``: a kind's scorer, or a bare :class:`ReContrast` (wrapped at ``cfg.image_size``).
+    ``cfg``: the ReContrast settings (None for a training-free kind)."""
     from safetensors.torch import save_file
 
+    scorer = ReContrastScorer(model, cfg.image_size) if isinstance(model, ReContrast) else model
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}
+             for k, v in scorer.bundle_state().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
     meta = {
         "format": BUNDLE_FORMAT,
         "library_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "train_config": cfg.model_dump(mode="json"),
+        "model_kind": scorer.kind,
+        "train_config": cfg.model_dump(mode="json") if cfg is not None else None,
         "inference": inference.model_dump(mode="json"),
         "preprocessing": {
-            "image_size": cfg.image_size,
+            "image_size": scorer.image_size,
             "resize": "square, PIL bilinear with antialias",
             "color": "RGB (grayscale replicated, alpha dropped, 16-bit scaled >> 8)",
-            "mean": list(model.encoder.stats.mean),
-            "std": list(model.encoder.stats.std),
+            **_input_stats_of(scorer),
         },
+        **scorer.bundle_meta(),
         "calibration": calibration.to_dict(),
-        "channels": list(model.encoder.channels),
         "dataset_fingerprint": dataset_fingerprint,
         "training": training or {},
+        **({"selection": selection} if selection else {}),
     }
+    if isinstance(scorer, ReContrastScorer):
+        meta["channels"] = list(scorer.model.encoder.channels)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -106,24 +127,49 @@ def read_bundle_meta(bundle_dir: Path) -> dict:
 
 @dataclass
 class Detector:
-    """A loaded bundle: ``predict`` takes image paths or arrays and returns scores and decisions."""
+    """A loaded bundle: ``predict`` takes image paths or arrays and returns scores and decisions.
 
-    model: ReContrast
-    config: TrainConfig
+    ``scorer`` is the kind's module (:mod:`recontrast_core.models.kinds`); every kind scores
+    through the same :class:`~recontrast_core.scoring.ScoringHead` (blur, image score), the
+    module the export traces. ``config`` is the ReContrast settings (None for patchknn)."""
+
+    scorer: nn.Module
+    config: Optional[TrainConfig]
     inference: InferenceConfig
-    calibration: Calibration
+    calibration: Optional[Calibration]
     meta: dict
     device: torch.device
+    kind: str = DEFAULT_KIND
+    head: ScoringHead = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.head = ScoringHead(self.scorer, self.inference).to(self.device).eval()
+        for rc in self._recontrast_scorers():
+            rc.amp_dtype = self.scoring_dtype
+
+    def _recontrast_scorers(self) -> list:
+        if isinstance(self.scorer, ReContrastScorer):
+            return [self.scorer]
+        inner = getattr(self.scorer, "recontrast", None)
+        return [inner] if isinstance(inner, ReContrastScorer) else []
+
+    @property
+    def model(self) -> ReContrast:
+        """The ReContrast network (recontrast and fused kinds)."""
+        found = self._recontrast_scorers()
+        if not found:
+            raise AttributeError(f"a {self.kind} detector has no ReContrast network")
+        return found[0].model
 
     @property
     def image_size(self) -> int:
-        return self.config.image_size
+        return int(self.scorer.image_size)
 
     @property
     def scoring_dtype(self) -> Optional[torch.dtype]:
-        """The autocast dtype for scoring (None = fp32), from ``inference.precision``."""
+        """The autocast dtype for the ReContrast network (None = fp32), from ``inference.precision``."""
         p = self.inference.precision
-        if p == "fp32":
+        if p == "fp32" or self.config is None:
             return None
         if p == "bf16":
             return torch.bfloat16
@@ -133,13 +179,16 @@ class Detector:
     def fingerprint(self) -> Optional[str]:
         return self.meta.get("dataset_fingerprint")
 
+    @torch.inference_mode()
     def score_uint8(self, images: torch.Tensor, batch_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N,3,S,S] -> (maps [N,S,S] float32, scores [N]) as numpy."""
         maps, scores = [], []
-        amp = self.scoring_dtype
+        channels_last = bool(self.config is not None and self.config.channels_last and self.kind == "recontrast")
         for chunk in batch_slices(images.shape[0], batch_size or self.inference.batch_size):
-            x = normalize_images(images[chunk], self.device, self.config.channels_last, self.model.encoder.stats)
-            m, s = predict_batch(self.model, x, self.inference, amp)
+            x = images[chunk].to(self.device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            m, s = self.head.maps_and_scores(x)
             maps.append(m.float().cpu())
             scores.append(s.float().cpu())
         return torch.cat(maps).numpy(), torch.cat(scores).numpy()
@@ -196,27 +245,29 @@ def to_model_input(image: Union[str, Path, np.ndarray], size: int) -> np.ndarray
     return np.ascontiguousarray(resize_image(rgb, size).transpose(2, 0, 1))
 
 
-def set_input_stats(model: ReContrast, meta: dict) -> None:
-    """Use the statistics the bundle was trained with (bundles written before statistics
-    were a backbone setting recorded ImageNet's here, and were trained with them)."""
-    pre = meta.get("preprocessing") or {}
-    if "mean" in pre and "std" in pre:
-        stats = InputStats(tuple(pre["mean"]), tuple(pre["std"]))
-        model.encoder.stats = model.frozen.stats = stats
-
-
 def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detector:
     """Load a bundle; every problem with its files is a one-line :class:`UserError` naming
     the file and the field (no traceback, nothing scored)."""
     bundle_dir = Path(bundle_dir)
     meta = read_bundle_meta(bundle_dir)
     meta_path, weights_path = bundle_dir / META_FILE, bundle_dir / WEIGHTS_FILE
-    missing = [k for k in ("train_config", "inference", "calibration") if not isinstance(meta.get(k), dict)]
+    kind_name = meta.get("model_kind", DEFAULT_KIND)
+    if not isinstance(kind_name, str):
+        raise UserError(f"{meta_path}: invalid model_kind {kind_name!r}")
+    try:
+        kind = get_kind(kind_name)
+    except UserError as exc:
+        raise UserError(f"{meta_path}: {exc}") from None
+    needs_train = kind_name in ("recontrast", "fused")
+    required = ("inference", "calibration") + (("train_config",) if needs_train else ())
+    missing = [k for k in required if not isinstance(meta.get(k), dict)]
     if missing:
         raise UserError(f"{meta_path}: missing or invalid {', '.join(missing)}")
-    train_config = {k: v for k, v in meta["train_config"].items() if k not in RETIRED_TRAIN_KEYS}
+    cfg = None
     try:
-        cfg = TrainConfig.model_validate(train_config)
+        if needs_train:
+            train_config = {k: v for k, v in meta["train_config"].items() if k not in RETIRED_TRAIN_KEYS}
+            cfg = TrainConfig.model_validate(train_config)
         inference = InferenceConfig.model_validate(meta["inference"])
     except ValueError as exc:
         raise UserError(f"{meta_path}: invalid settings ({_first_error(exc)})") from None
@@ -224,21 +275,22 @@ def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detecto
         calibration = Calibration.from_dict(meta["calibration"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"{meta_path}: invalid calibration ({_first_error(exc)})") from None
-    model = build_model(cfg, weights="none")
     state = read_safetensors(weights_path, "model weights")
     try:
-        model.load_state_dict(state, strict=True)
+        scorer = kind.load(meta, state, cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{meta_path}: invalid {kind_name} settings ({_first_error(exc)})") from None
     except RuntimeError as exc:
         raise UserError(f"{weights_path}: the weights do not fit the model in {META_FILE} "
                         f"({_first_error(exc)})") from None
-    set_input_stats(model, meta)
     dev = resolve_device(device)
-    model.to(dev).eval()
+    scorer.to(dev).eval()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return Detector(model=model, config=cfg, inference=inference, calibration=calibration, meta=meta, device=dev)
+    if cfg is not None and cfg.channels_last and kind_name == "recontrast":
+        scorer.to(memory_format=torch.channels_last)
+    return Detector(scorer=scorer, config=cfg, inference=inference, calibration=calibration, meta=meta, device=dev,
+                    kind=kind_name)
 
 
 def _first_error(exc: Exception) -> str:

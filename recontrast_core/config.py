@@ -108,6 +108,12 @@ class BaselineConfig(_Strict):
     distance to a memory bank of the training normals' patches."""
 
     enabled: bool = True
+    # True: the strongest setting of model.auto's training-free grid, chosen on the
+    # validation split and reported on the other half (an auto bundle records its choice;
+    # otherwise evaluation runs the grid). False: patch-kNN on the detector's own frozen
+    # encoder at its resolution, with the settings below (with grid: model.patchknn's bank
+    # settings, as the shipped patch-kNN kind).
+    grid: bool = True
     fraction: float = Field(0.1, gt=0, le=1)  # share of training patches kept in the bank
     sampler: Literal["random", "coreset"] = "random"  # seeded random subset or greedy k-center
     seed: int = 0
@@ -115,6 +121,74 @@ class BaselineConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     levels: tuple[int, int] = (1, 2)  # encoder taps at strides 8 and 16
     projection_dim: int = Field(128, ge=0)  # coreset only: random projection for distances
+
+
+class PatchKnnConfig(_Strict):
+    """The ``patchknn`` model kind (PatchCore-style, training-free): frozen backbone taps at
+    strides 8 and 16, each averaged over its 3x3 neighbourhood, concatenated per stride-8
+    patch; a memory bank of the normal training images' patches (``random`` seeded subset or
+    greedy ``coreset``); patch score = Euclidean distance to the nearest bank patch (exact)."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    # The weights' own statistics by default ("auto"); "imagenet" / "unit" force one.
+    input_stats: Literal["auto", "imagenet", "unit"] = "auto"
+    image_size: int = Field(256, ge=32, le=1024)
+    levels: tuple[int, int] = (1, 2)  # encoder taps at strides 8 and 16
+    # PatchCore's greedy coreset of 1% of the patches (its paper: within 0.1 point of 10% on
+    # MVTec) keeps the exact search cheap: ~3,000 rows for 300 training images at 256 px.
+    sampler: Literal["random", "coreset"] = "coreset"
+    fraction: float = Field(0.01, gt=0, le=1)  # share of the training patches kept in the bank
+    seed: int = 0
+    projection_dim: int = Field(128, ge=0)  # coreset only: random projection for the selection
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_fits_the_strides(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"patchknn image_size must be a multiple of 16 (the deepest tap's stride), not {v}")
+        return v
+
+
+class FusionConfig(_Strict):
+    """The ``fused`` kind: each map normalised by quantiles of its maps on the held-out normal
+    images (EfficientAD's rule: q_lo -> 0, q_hi -> 0.1), then summed and blurred."""
+
+    q_lo: float = Field(0.9, ge=0, lt=1)
+    q_hi: float = Field(0.995, gt=0, le=1)
+
+
+class AutoConfig(_Strict):
+    """``model.kind: auto``: train ReContrast, fit patch-kNN over a small grid of training-free
+    settings, score every candidate on the validation split and keep the best (image AUROC,
+    then AUPRO). docs/model_kinds.md lists the grid and why."""
+
+    # lite1 left out by default: it never led lite0 and lite2 on a validation half (results.md),
+    # and each 256 px setting costs ~30 s of the CPU budget
+    backbones: tuple[str, ...] = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
+    image_sizes: tuple[int, ...] = (160, 256)
+    input_stats: tuple[Literal["auto", "imagenet", "unit"], ...] = ("auto", "imagenet")
+    # The grid's banks are a seeded random share of the patches (one pass over the training
+    # images each, no coreset: cheap); the winner is refitted with model.patchknn's sampler
+    # and fraction before it competes with the other kinds. Ranking (grid and candidates)
+    # uses a bfloat16 search where the CPU makes it pay (AMX / AVX512-BF16), each distance
+    # recomputed exactly in float32; the shipped detector always searches exactly.
+    grid_fraction: float = Field(0.02, gt=0, le=1)
+    # Candidates besides the grid's best patch-kNN; drop "recontrast" and "fused" for a
+    # training-free run.
+    kinds: tuple[Literal["recontrast", "patchknn", "fused"], ...] = ("recontrast", "patchknn", "fused")
+
+
+class ModelConfig(_Strict):
+    """Which detector the pipeline ships (``model.kind``; dotted keys work everywhere)."""
+
+    # recontrast: the trained ReContrast network; patchknn: the training-free memory bank;
+    # fused: both maps, quantile-normalised and summed; auto: the best of the three on the
+    # validation split (docs/model_kinds.md).
+    kind: Literal["auto", "recontrast", "patchknn", "fused"] = "auto"
+    patchknn: PatchKnnConfig = Field(default_factory=PatchKnnConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    auto: AutoConfig = Field(default_factory=AutoConfig)
 
 
 class CalibrationConfig(_Strict):
@@ -294,6 +368,7 @@ class PipelineConfig(_Strict):
     # Few-shot: use only this many normal training images (adapt and train); None = all.
     shots: Optional[int] = Field(None, ge=1)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     # Where the KFP pipeline trains: "pod" (one GPU in the train step's pod) or "trainjob"
     # (a TrainJob across nodes and GPUs, settings in `trainjob`). The CLI and DVC train here.

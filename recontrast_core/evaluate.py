@@ -1,13 +1,27 @@
-"""Evaluate a bundle on a manifest's test split: the metrics JSON the pipeline passes on.
+"""Evaluate a bundle (any model kind) on a manifest's test split: the metrics JSON the pipeline passes on.
+
+**Which images.** Only the test split's *report half* (:mod:`recontrast_core.selection`:
+the images whose file name hashes odd) when the split has labelled anomalies and both
+halves hold normal and anomalous images; the other half (the validation half) chose the
+model kind and the baseline's setting, so it never counts. Otherwise the whole test split.
+The payload says which (``evaluation_split``).
 
 Maps are computed at the model's input size; masks are resized (nearest) to the same
 size, so ``pixel_auroc`` and ``aupro`` are measured at evaluation size as in the paper.
 
-Beside the model, the training-free baseline (:mod:`recontrast_core.baseline`: the
-bundle's frozen encoder and input statistics, patch nearest neighbours over the manifest's
-normal training images) scores the same test images at the same size; its metrics are
-reported as ``baseline_<name>`` (and under ``"baseline"`` in the payload), so every
-evaluation says whether training earned its keep. The registry's baseline floor reads them.
+Beside the model, the training-free baseline scores the same images: by default the
+strongest patch-kNN setting of the training-free grid on the validation split (an ``auto``
+bundle's recorded choice, else the grid runs here), fitted on the normal training images
+(few-shot: the same shots), at its own resolution; ``baseline.grid: false`` keeps the older
+baseline (the bundle's frozen encoder at its size). Its metrics are reported as
+``baseline_<name>`` (and under ``"baseline"``), with the paired bootstrap interval of the
+model's image AUROC minus the baseline's (``baseline_delta_image_auroc_lo`` / ``_hi``), which
+the registry's baseline floor reads.
+
+**Operating point.** ``precision_at_threshold``, ``recall_at_threshold`` and
+``fpr_at_threshold`` at the stored threshold (calibrated on held-out normals at
+``calibration.target_fpr``), and ``recall_at_target_fpr``: the best recall any threshold
+gives on these images at that FPR (what a perfectly placed threshold would catch).
 
 **Normal-only test sets** (no anomalous test image anywhere, e.g. a plant that has not
 collected defects yet): AUROC, F1, precision and recall are undefined, so evaluation
@@ -35,12 +49,13 @@ import numpy as np
 
 from .bundle import Detector, load_detector
 from .calibration import decide, normalise
-from .config import BaselineConfig
+from .config import BaselineConfig, CalibrationConfig, InferenceConfig, ModelConfig, PatchKnnConfig
 from .data.cache import load_resized
-from .data.manifest import Manifest
+from .data.manifest import Manifest, split_validation
 from .errors import UserError
 from .metrics import compute_all
 from .runtime import atomic_write
+from .selection import Halves, split_test
 
 from .filenames import METRICS_FILE, SCORES_FILE  # noqa: E402  (re-exported)
 
@@ -51,6 +66,7 @@ NORMAL_ONLY_NOTE = (
     "compares only metrics both models have: without image_auroc this candidate is not promoted."
 )
 SYNTHETIC_SEED = 0
+DEFAULT_TARGET_FPR = 0.01  # recall_at_target_fpr for a calibration fitted by F1 (no target)
 
 
 def evaluate_bundle(
@@ -63,6 +79,8 @@ def evaluate_bundle(
     keep_maps: bool = False,
     baseline: Optional[BaselineConfig] = None,
     synthetic: bool = True,
+    baseline_train: Optional[Manifest] = None,
+    model_settings: Optional[ModelConfig] = None,
 ) -> dict:
     """Score every test image; return (and write, with ``out_dir``) the metrics payload.
 
@@ -76,7 +94,10 @@ def evaluate_bundle(
     written to JSON.
     """
     detector = bundle_dir if isinstance(bundle_dir, Detector) else load_detector(bundle_dir, device)
-    test = manifest.select(split="test")
+    if len(manifest.select(split="test")) == 0:
+        raise UserError(f"{manifest.root}: the manifest has no test images to evaluate on")
+    halves = split_test(manifest)
+    test = halves.report
     if len(test) == 0:
         raise UserError(f"{manifest.root}: the manifest has no test images to evaluate on")
     labels = np.asarray(test.labels)
@@ -106,14 +127,24 @@ def evaluate_bundle(
     base = None
     if baseline is not None and baseline.enabled:
         base = baseline_metrics(detector, manifest, images, labels, masks if with_masks else None, baseline, progress,
-                                synthetic=synthetic)
+                                synthetic=synthetic, halves=halves, train=baseline_train, model_settings=model_settings)
         metrics.update({f"baseline_{k}": v for k, v in base["metrics"].items()})
+        base_scores = base.pop("_scores")
+        if not normal_only:
+            from .metrics import paired_bootstrap_delta
+
+            boot = paired_bootstrap_delta(labels, scores, base_scores)
+            metrics["baseline_delta_image_auroc_lo"], metrics["baseline_delta_image_auroc_hi"] = boot["lo"], boot["hi"]
+            metrics["baseline_delta_image_auroc_confidence"] = boot["confidence"]
+            base["image_auroc_delta"] = boot
     norm = normalise(scores, detector.calibration)
     flags = decide(scores, detector.calibration)
     metrics["threshold"] = float(detector.calibration.threshold)
     precision, recall, fpr = _rates(labels, flags)
     if not normal_only:  # precision and recall need anomalies
         metrics["precision_at_threshold"], metrics["recall_at_threshold"] = precision, recall
+        target = detector.calibration.target_fpr or DEFAULT_TARGET_FPR
+        metrics["recall_at_target_fpr"] = recall_at_fpr(labels, scores, target)
     metrics["fpr_at_threshold"] = fpr
     payload = {
         "metrics": metrics,
@@ -121,6 +152,14 @@ def evaluate_bundle(
         "bundle_fingerprint": detector.fingerprint,
         "n_images": int(len(test)),
         "n_anomalous": int(labels.sum()),
+        "model": {"kind": detector.kind, "selection": detector.meta.get("selection")},
+        "evaluation_split": halves.describe(),
+        "operating_point": {
+            "threshold": float(detector.calibration.threshold), "method": detector.calibration.method,
+            "target_fpr": detector.calibration.target_fpr, "n_calibration_normals": detector.calibration.n_normal,
+            "note": "recall_at_target_fpr: the recall the best threshold on these images would give at the "
+                    "calibration's target FPR (an upper bound for the stored threshold's recall_at_threshold)",
+        },
         **({"baseline": base} if base is not None else {}),
         **({"note": NORMAL_ONLY_NOTE} if normal_only else {}),
         "per_image": [
@@ -175,30 +214,84 @@ def _score_batches(detector: Detector, images) -> np.ndarray:
 
 
 def baseline_metrics(detector: Detector, manifest: Manifest, test_images, labels, masks, cfg: BaselineConfig,
-                     progress: bool = False, synthetic: bool = True) -> dict:
-    """The training-free baseline on the same (already resized) test images (on a
-    normal-only test split: the score distribution and the synthetic AUROC, as the model)."""
+                     progress: bool = False, synthetic: bool = True, halves: Optional[Halves] = None,
+                     train: Optional[Manifest] = None, model_settings: Optional[ModelConfig] = None) -> dict:
+    """The training-free baseline on the evaluated images (on a normal-only test split: the
+    score distribution and the synthetic AUROC, as the model). ``train``: the normal images
+    its bank is fitted on (few-shot: the same shots as the model; default: every normal
+    training image). With ``cfg.grid`` the setting is the strongest of the training-free
+    grid on the validation split (an ``auto`` bundle's recorded choice, else the grid is run
+    now); without, the detector's own frozen encoder at its resolution."""
     import time
 
-    from .baseline import PatchBaseline
+    import torch
 
-    train = manifest.select(split="train", label=0)
+    from .baseline import PatchBaseline
+    from .fit import run_grid, score_images
+    from .models.patchknn import fit_patchknn
+    from .selection import SelectionSet
+
+    train = (train if train is not None else manifest).select(split="train", label=0)
     if len(train) == 0:
         raise UserError(f"{manifest.root}: the baseline needs the normal training images (none in the manifest)")
+    halves = halves or split_test(manifest)
     t0 = time.perf_counter()
-    train_images, _, _ = load_resized(train, detector.image_size, with_masks=False, progress=progress)
-    model = PatchBaseline(detector.model.frozen, cfg, device=detector.device).fit(train_images)
-    maps, scores = model.score(test_images)
-    if set(np.asarray(labels).tolist()) == {0}:
+    normal_only = set(np.asarray(labels).tolist()) == {0}
+    setting: dict = {"rule": "patch-kNN on the detector's frozen encoder at its resolution"}
+    if cfg.grid:
+        dev = detector.device
+        recorded = (detector.meta.get("selection") or {}).get("best_training_free")
+        if recorded:
+            pk = PatchKnnConfig.model_validate(recorded)
+            setting = {"rule": "the bundle's selection: strongest training-free grid setting on its validation split"}
+        else:
+            fit, held = split_validation(train, CalibrationConfig().validation_fraction, 0)
+            cache: dict[int, torch.Tensor] = {}
+
+            def fit_images(size: int):
+                if size not in cache:
+                    cache[size] = load_resized(fit, size, with_masks=False).images
+                return cache[size]
+
+            model = model_settings or ModelConfig()
+            pk, grid, _ = run_grid(model, fit_images, SelectionSet(halves, held if len(held) else fit), InferenceConfig(
+                gaussian_sigma=cfg.gaussian_sigma), dev, progress=progress)
+            setting = {"rule": "strongest training-free grid setting on the validation split", "grid": grid}
+        setting["patchknn"] = pk.model_dump(mode="json")
+        train_images = load_resized(train, pk.image_size, with_masks=False, progress=progress).images
+        scorer = fit_patchknn(train_images, pk, dev)
+        bank_size = scorer.bank_size
+        imgs, msk, _ = load_resized(halves.report, pk.image_size, with_masks=masks is not None)
+        maps, scores = score_images(scorer, InferenceConfig(gaussian_sigma=cfg.gaussian_sigma), imgs, dev)
+        masks = msk if masks is not None else None
+        test_images = imgs
+        score_fn = lambda x: score_images(scorer, InferenceConfig(gaussian_sigma=cfg.gaussian_sigma), x, dev)[1]  # noqa: E731
+    else:
+        train_images, _, _ = load_resized(train, detector.image_size, with_masks=False, progress=progress)
+        model = PatchBaseline(detector.model.frozen, cfg, device=detector.device).fit(train_images)
+        bank_size = int(model.bank.shape[0])
+        maps, scores = model.score(test_images)
+        score_fn = lambda x: model.score(x)[1]  # noqa: E731
+    if normal_only:
         metrics = score_distribution(scores)
         if synthetic:
-            metrics["synthetic_image_auroc"] = synthetic_auroc(lambda x: model.score(x)[1], test_images, scores)
+            metrics["synthetic_image_auroc"] = synthetic_auroc(score_fn, test_images, scores)
     else:
         metrics = compute_all(labels, scores, masks.numpy() if masks is not None else None,
                               maps if masks is not None else None)
         metrics = {k: v for k, v in metrics.items() if k != "image_f1_threshold"}
-    return {"metrics": metrics, "settings": cfg.model_dump(mode="json"), "bank_size": int(model.bank.shape[0]),
-            "n_train_images": len(train), "wall_time_s": round(time.perf_counter() - t0, 2)}
+    return {"metrics": metrics, "settings": cfg.model_dump(mode="json"), "setting": setting, "bank_size": bank_size,
+            "n_train_images": len(train), "wall_time_s": round(time.perf_counter() - t0, 2),
+            "_scores": np.asarray(scores, dtype=np.float64)}
+
+
+def recall_at_fpr(labels, scores, target_fpr: float) -> float:
+    """The largest recall any threshold gives on these images with FPR <= ``target_fpr``."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores, dtype=np.float64))
+    ok = fpr <= target_fpr + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
 
 
 def _rates(labels: np.ndarray, flags: np.ndarray) -> tuple[float, float, float]:

@@ -42,12 +42,10 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from . import __version__
 from .errors import UserError
-from .inference import anomaly_map, gaussian_kernel1d, image_scores
+from .scoring import CalibrationMap, GaussianBlur, ScoringHead, float32_at_or_above, symmetric_pad_index  # noqa: F401
 
 EXPORT_FORMAT = "recontrast-export/1"
 FORMATS = ("onnx", "openvino")
@@ -59,8 +57,6 @@ OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score", "decision")
 OPSET = 17
 EXTRA = "export"
 RT_INFO_ROOT = "recontrast"  # OpenVINO rt_info section holding the metadata
-# The largest float32 below 0.5 (calibration's _BELOW_HALF, in the graph's precision).
-_BELOW_HALF_F32 = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
 
 
 class MissingExportDependency(UserError):
@@ -81,95 +77,12 @@ def require(module: str):
 
 
 # ---------------------------------------------------------------------------------------
-# the graph
+# the graph: the scoring head torch inference runs (recontrast_core.scoring), with calibration
 # ---------------------------------------------------------------------------------------
-def symmetric_pad_index(n: int, r: int) -> torch.Tensor:
-    """Indices that pad a length-``n`` axis by ``r`` on each side exactly as
-    :func:`recontrast_core.inference.gaussian_blur` does: scipy ``reflect`` (d c b a | a b c d,
-    the edge repeated) when ``r <= n``, else the edge replicated."""
-    if r <= n:
-        idx = list(range(r - 1, -1, -1)) + list(range(n)) + list(range(n - 1, n - 1 - r, -1))
-    else:
-        idx = [0] * r + list(range(n)) + [n - 1] * r
-    return torch.tensor(idx, dtype=torch.long)
-
-
-class GaussianBlur(nn.Module):
-    """The blur of :func:`recontrast_core.inference.gaussian_blur` on [N,H,W] maps of a fixed
-    size, as exportable ops: a gather with fixed indices (the reflect padding) and a fixed
-    1-D convolution, once along the width and once along the height."""
-
-    def __init__(self, sigma: float, size: int):
-        super().__init__()
-        self.enabled = sigma > 0
-        k = gaussian_kernel1d(sigma, "cpu") if self.enabled else torch.ones(1)
-        r = (k.numel() - 1) // 2
-        self.register_buffer("kernel_w", k.view(1, 1, 1, -1).clone(), persistent=False)
-        self.register_buffer("kernel_h", k.view(1, 1, -1, 1).clone(), persistent=False)
-        self.register_buffer("index", symmetric_pad_index(size, r), persistent=False)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return maps
-        x = maps.unsqueeze(1)
-        x = F.conv2d(torch.index_select(x, 3, self.index), self.kernel_w)
-        x = F.conv2d(torch.index_select(x, 2, self.index), self.kernel_h)
-        return x[:, 0]
-
-
-def _float32_at_or_above(value: float) -> float:
-    """The smallest float32 >= ``value`` (a float32 score passes it iff it passes ``value``)."""
-    v = np.float32(value)
-    if float(v) < value:
-        v = np.nextafter(v, np.float32(np.inf))
-    return float(v)
-
-
-class CalibrationMap(nn.Module):
-    """:func:`recontrast_core.calibration.normalise` and ``decide`` in float32:
-    score [N] -> (normalized [N]: lo -> 0, threshold -> 0.5, hi -> 1, clipped; decision [N])."""
-
-    def __init__(self, calibration):
-        super().__init__()
-        cal = calibration
-        self.threshold = _float32_at_or_above(cal.threshold)
-        self.lo = float(np.float32(cal.lo))
-        # the slopes in float64, rounded once to float32 constants
-        self.below_scale = float(np.float32(0.5 / (cal.threshold - cal.lo)))
-        self.above_scale = float(np.float32(0.5 / (cal.hi - cal.threshold)))
-
-    def forward(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        decision = score >= self.threshold
-        below = torch.clamp((score - self.lo) * self.below_scale, max=_BELOW_HALF_F32)
-        above = (score - self.threshold) * self.above_scale + 0.5
-        return torch.clamp(torch.where(decision, above, below), 0.0, 1.0), decision
-
-
-class ScoringGraph(nn.Module):
+def ScoringGraph(detector) -> ScoringHead:
     """A loaded :class:`~recontrast_core.bundle.Detector` as one fp32 module:
     uint8 [N,3,S,S] -> (anomaly_map [N,S,S], score [N], normalized_score [N], decision [N])."""
-
-    def __init__(self, detector):
-        super().__init__()
-        model = detector.model
-        self.model = model
-        self.size = int(detector.image_size)
-        stats = model.encoder.stats
-        self.register_buffer("mean", torch.tensor(stats.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(stats.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.inference = detector.inference
-        self.blur = GaussianBlur(detector.inference.gaussian_sigma, self.size)
-        self.calibration = CalibrationMap(detector.calibration)
-
-    def forward(self, image: torch.Tensor):
-        x = image.to(torch.float32) / 255.0  # the operations and order of data.cache.normalize
-        x = (x - self.mean) / self.std
-        frozen, feats, head1, head2 = self.model(x)
-        maps = anomaly_map(frozen, feats, head1, head2, (self.size, self.size))
-        maps = self.blur(maps)
-        score = image_scores(maps, self.inference)
-        normalized, decision = self.calibration(score)
-        return maps, score, normalized, decision
+    return ScoringHead(detector.scorer, detector.inference, detector.calibration).eval()
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,7 +93,6 @@ def export_metadata(detector, bundle_dir: Path, fmt: str) -> dict[str, str]:
     structured ones), written as ONNX metadata_props / OpenVINO rt_info / export.json."""
     meta = detector.meta
     pre = meta.get("preprocessing") or {}
-    stats = detector.model.encoder.stats
     cal = detector.calibration
     size = detector.image_size
     values: dict[str, Any] = {
@@ -194,15 +106,18 @@ def export_metadata(detector, bundle_dir: Path, fmt: str) -> dict[str, str]:
         "bundle_library_version": meta.get("library_version"),
         "bundle_created": meta.get("created"),
         "dataset_fingerprint": meta.get("dataset_fingerprint"),
-        "backbone": detector.config.backbone.name,
+        "model_kind": detector.kind,
+        "backbone": _backbones(detector),
         "image_size": size,
         "input": f"{INPUT_NAME}: uint8 [N,3,{size},{size}] RGB, 0..255, already resized; "
                  "the normalisation below is inside the graph",
         "resize": pre.get("resize", "square, PIL bilinear with antialias"),
         "color": pre.get("color", "RGB (grayscale replicated, alpha dropped, 16-bit scaled >> 8)"),
         "normalisation": "x / 255, then (x - mean) / std per channel (inside the graph)",
-        "mean": list(stats.mean),
-        "std": list(stats.std),
+        "mean": pre.get("mean"),
+        "std": pre.get("std"),
+        **({"recontrast_mean": meta["recontrast_preprocessing"]["mean"],
+            "recontrast_std": meta["recontrast_preprocessing"]["std"]} if "recontrast_preprocessing" in meta else {}),
         "outputs": {
             "anomaly_map": f"float32 [N,{size},{size}], blurred (sigma {detector.inference.gaussian_sigma})",
             "score": f"float32 [N], {_score_rule(detector.inference, size)}",
@@ -212,10 +127,19 @@ def export_metadata(detector, bundle_dir: Path, fmt: str) -> dict[str, str]:
         "inference": detector.inference.model_dump(mode="json"),
         "precision": "fp32",
         "threshold": repr(cal.threshold),
-        "threshold_float32": repr(_float32_at_or_above(cal.threshold)),
+        "threshold_float32": repr(float32_at_or_above(cal.threshold)),
         "calibration": cal.to_dict(),
     }
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+
+
+def _backbones(detector) -> str:
+    names = []
+    if detector.config is not None:
+        names.append(detector.config.backbone.name)
+    if "patchknn" in detector.meta:
+        names.append(detector.meta["patchknn"]["backbone"])
+    return " + ".join(names)
 
 
 def _score_rule(inference, size: int) -> str:
@@ -243,7 +167,7 @@ def _load(bundle_dir) -> Any:
     from .bundle import load_detector
 
     detector = load_detector(bundle_dir, device="cpu")
-    detector.model.to(memory_format=torch.contiguous_format).float().eval()
+    detector.scorer.to(memory_format=torch.contiguous_format).float().eval()
     return detector
 
 
@@ -269,7 +193,7 @@ def _write_onnx(detector, path: Path, metadata: dict[str, str], opset: int = OPS
         entry.key, entry.value = key, value
     proto.producer_name = "recontrast"
     proto.producer_version = __version__
-    proto.doc_string = "ReContrast anomaly scoring graph; see metadata_props (input, mean, std, resize, threshold)"
+    proto.doc_string = f"recontrast anomaly scoring graph ({detector.kind}); see metadata_props (input, mean, std, resize, threshold)"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path

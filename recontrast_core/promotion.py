@@ -5,9 +5,16 @@ pipeline settings extends it with the model name). :func:`decide_promotion` prom
 candidate only if
 
 1. every absolute floor holds (``image_auroc >= 0.7``, ...);
-2. the candidate is not below the training-free baseline measured on the same test data
-   (``baseline_<primary>`` in its metrics, written by evaluation) by more than
-   ``baseline_tolerance`` (``baseline_floor``, on by default);
+2. the candidate is not worse than the training-free baseline measured on the same test
+   data (``baseline_<primary>`` in its metrics, written by evaluation; ``baseline_floor``,
+   on by default). With ``baseline_rule="bootstrap"`` (the default) and the paired
+   bootstrap interval of candidate minus baseline in the metrics
+   (``baseline_delta_<primary>_lo`` / ``_hi``, :func:`~recontrast_core.metrics.paired_bootstrap_delta`),
+   it is refused only when the whole interval is below 0 (significantly worse); without
+   the interval, or with ``baseline_rule="flat"``, when it is more than
+   ``baseline_tolerance`` below the baseline. The floor **fails closed**: a candidate
+   without ``baseline_<primary>`` is refused unless ``baseline_floor`` is False, and the
+   reason then records that the floor was off;
 3. there is no champion, or the candidate beats it on the primary metric by more than
    ``margin`` on the same evaluation data (the caller supplies champion metrics from the
    same data: ``mlops.registry`` re-evaluates the champion when needed);
@@ -16,7 +23,8 @@ candidate only if
 Only metrics both models have are compared; all metrics are higher-is-better. On
 normal-only evaluation data (no real anomalies, hence no AUROC) the primary metric falls
 back to ``synthetic_image_auroc`` (its floor is the primary metric's), for the candidate,
-the baseline and the champion alike; a champion without it is not comparable and the
+the baseline (``baseline_synthetic_image_auroc``, ``baseline_delta_synthetic_image_auroc_lo``
+/ ``_hi``) and the champion alike; a champion without it is not comparable and the
 candidate is not promoted over it.
 """
 
@@ -24,12 +32,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 BASELINE_PREFIX = "baseline_"  # evaluation writes the baseline's metrics as baseline_<name>
+# ... and the paired bootstrap interval of (model - baseline) as baseline_delta_<name>_lo/_hi
+# (optionally its level as baseline_delta_<name>_confidence, e.g. 0.95).
+BASELINE_DELTA_PREFIX = "baseline_delta_"
 # Evaluation on normal-only data reports no AUROC; the rule then falls back to this one.
 FALLBACK_PRIMARY = "synthetic_image_auroc"
 
@@ -42,9 +53,14 @@ class PromotionPolicy(BaseModel):
     floors: dict[str, float] = Field(default_factory=lambda: {"image_auroc": 0.7})
     primary_metric: str = "image_auroc"
     margin: float = Field(0.005, ge=0)
-    # The candidate may not be below the training-free baseline on the primary metric by
-    # more than this (evaluation reports the baseline beside every model).
+    # The candidate may not be worse than the training-free baseline on the primary metric
+    # (evaluation reports the baseline beside every model). Fails closed: without the
+    # baseline's metric the candidate is refused, unless baseline_floor is False.
     baseline_floor: bool = True
+    # "bootstrap": refused only when the paired bootstrap interval of (candidate - baseline)
+    # lies wholly below 0; without that interval in the metrics, or with "flat": refused
+    # when more than baseline_tolerance below the baseline.
+    baseline_rule: Literal["bootstrap", "flat"] = "bootstrap"
     baseline_tolerance: float = Field(0.02, ge=0)
     # Guard metrics: not worse than the champion's by more than secondary_tolerance.
     secondary_metrics: tuple[str, ...] = ()
@@ -75,6 +91,43 @@ def metric_value(metrics: Optional[Mapping[str, Any]], key: str) -> Optional[flo
     return None if math.isnan(value) else value
 
 
+def baseline_delta_keys(metric: str) -> tuple[str, str]:
+    """The metric keys of the paired bootstrap interval of (model - baseline) on ``metric``."""
+    return f"{BASELINE_DELTA_PREFIX}{metric}_lo", f"{BASELINE_DELTA_PREFIX}{metric}_hi"
+
+
+def _baseline_check(metrics: Mapping[str, Any], p: str, cand: float, policy: PromotionPolicy) -> Decision:
+    """The baseline floor alone: ``promote=False`` refuses; otherwise ``reason`` is the note
+    to append to the final reason."""
+    if not policy.baseline_floor:
+        return Decision(True, "; baseline floor off (registry.baseline_floor=false)")
+    base_key = BASELINE_PREFIX + p
+    base = metric_value(metrics, base_key)
+    if base is None:
+        return Decision(False, f"no training-free baseline ({base_key}) in the candidate's metrics: the "
+                               "baseline floor fails closed; set registry.baseline_floor=false to skip it")
+    delta = cand - base
+    lo_key, hi_key = baseline_delta_keys(p)
+    lo, hi = metric_value(metrics, lo_key), metric_value(metrics, hi_key)
+    if policy.baseline_rule == "bootstrap" and lo is not None and hi is not None and lo <= hi:
+        conf = metric_value(metrics, f"{BASELINE_DELTA_PREFIX}{p}_confidence")
+        level = f"{conf * 100:g}% " if conf is not None and 0 < conf < 1 else ""
+        interval = f"[{lo:+.3f}, {hi:+.3f}]"
+        if hi < 0:  # the whole interval below 0: significantly worse than the baseline
+            return Decision(False, f"below the training-free baseline: {p} {cand:.4f} vs baseline {base:.4f}, "
+                                   f"delta {delta:+.4f}, {level}paired bootstrap interval {interval} "
+                                   "(bootstrap rule: refused when the whole interval is below 0)")
+        return Decision(True, f"; baseline delta {delta:+.3f} {interval} ({level}paired bootstrap)")
+    if policy.baseline_rule == "bootstrap":
+        rule = f"flat rule, no bootstrap interval ({lo_key}/_hi), tolerance {policy.baseline_tolerance:g}"
+    else:
+        rule = f"flat rule, tolerance {policy.baseline_tolerance:g}"
+    if cand < base - policy.baseline_tolerance - 1e-9:
+        return Decision(False, f"below the training-free baseline: {p} {cand:.4f} < baseline {base:.4f} "
+                               f"(delta {delta:+.4f}; {rule})")
+    return Decision(True, f"; baseline delta {delta:+.3f} ({rule})")
+
+
 def decide_promotion(
     candidate_metrics: Mapping[str, Any],
     champion_metrics: Optional[Mapping[str, Any]],
@@ -102,10 +155,14 @@ def decide_promotion(
             return Decision(False, f"candidate has no {key} (floor {floor:g})")
         if value < floor:
             return Decision(False, f"below floor: {key} {value:.4f} < {floor:g}")
-    base = metric_value(candidate_metrics, BASELINE_PREFIX + p)
-    if policy.baseline_floor and base is not None and cand < base - policy.baseline_tolerance - 1e-9:
-        return Decision(False, f"below the training-free baseline: {p} {cand:.4f} < baseline {base:.4f} "
-                               f"(tolerance {policy.baseline_tolerance:g})")
+    baseline = _baseline_check(candidate_metrics, p, cand, policy)
+    if not baseline.promote:
+        return baseline
+    decision = _versus_champion(candidate_metrics, champion_metrics, p, cand, policy)
+    return Decision(decision.promote, decision.reason + baseline.reason)
+
+
+def _versus_champion(candidate_metrics, champion_metrics, p: str, cand: float, policy: PromotionPolicy) -> Decision:
     if champion_metrics is None:
         return Decision(True, f"no champion; floors pass ({p} {cand:.4f})")
     champ = metric_value(champion_metrics, p)

@@ -36,7 +36,7 @@ from .config import CalibrationConfig, InferenceConfig, TrainConfig
 from .data.manifest import Manifest, split_validation
 from .errors import UserError, first_line
 from .losses import alpha_at, recontrast_loss
-from .models.recontrast import ReContrast
+from .models.recontrast import ReContrast, ReContrastScorer
 from .progress import track_steps
 from .runtime import amp_dtype_for, atomic_write, load_torch_file, remove_stale_temps, seed_everything
 
@@ -268,8 +268,8 @@ def train_model(
                                             progress=progress and ctx.is_main, cache_dir=cache_dir)
         bundle_dir = out_dir / "bundle"
         if ctx.is_main:  # one writer; the other processes wait at the barrier below
-            detector = Detector(model=trainer.model.eval(), config=cfg, inference=inference, calibration=None,
-                                meta={}, device=device)
+            detector = Detector(scorer=ReContrastScorer(trainer.model.eval(), cfg.image_size), config=cfg,
+                                inference=inference, calibration=None, meta={}, device=device)
             calib = _calibrate(detector, val if len(val) else fit, calibration, cfg, progress, cache_dir,
                                views=FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1)
             bundle_dir = save_bundle(

@@ -94,12 +94,16 @@ def train(
     allow_duplicates: Optional[bool] = _LF["allow_duplicates"],
     validation_fraction: Optional[float] = typer.Option(None, help="Share of normal train images held out to set the threshold"),
     target_fpr: Optional[float] = typer.Option(None, help="False-positive rate the threshold aims at on held-out normals"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="model.kind: auto (default: the best of the three on "
+                                       "the validation split) | recontrast | patchknn | fused"),
     set_: list[str] = set_option(),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train a ReContrast detector on the normal training images of DATASET (the pipeline's
-    train step: same settings, same bundle). On several GPUs: ``torchrun --nproc-per-node N
+    """Train (or fit) a detector on the normal training images of DATASET (the pipeline's
+    train step: same settings, same bundle). ``model.kind`` says which: ReContrast, the
+    training-free patch-kNN, their fusion, or ``auto`` (all three, the best on the
+    validation split kept; docs/model_kinds.md). On several GPUs: ``torchrun --nproc-per-node N
     -m recontrast_core.cli train ...`` (docs/distributed.md); rank 0 prints and writes."""
     with user_errors():
         from ..distributed import is_main_process
@@ -116,7 +120,7 @@ def train(
             "train.encoder_bn": encoder_bn, "train.seed": seed, "train.device": device,
             "train.checkpoint_every": checkpoint_every, "train.augment": augment, "shots": shots,
             "calibration.validation_fraction": validation_fraction, "calibration.target_fpr": target_fpr,
-            "data.allow_duplicates": allow_duplicates,
+            "data.allow_duplicates": allow_duplicates, "model.kind": kind,
         }, set_)
         manifest = read_dataset_arg(dataset, layout, abnormal_dir, mask_dir, progress, normal_label=normal_label,
                                     annotations=annotations, images=images, split_csv=split_csv, options=layout_opt,
@@ -124,18 +128,23 @@ def train(
         bundle = train_step(manifest, out, settings, init_encoder=init_encoder, resume=resume, progress=progress)
         if not main_process:
             return
-        info = (read_json(bundle / "bundle.json") or {}).get("training", {})
+        meta = read_json(bundle / "bundle.json") or {}
+        info = meta.get("training", {})
         summary = {
             "bundle": str(bundle),
+            "model_kind": meta.get("model_kind", "recontrast"),
             "iterations": info.get("iterations"),
             "final_loss": info.get("final_loss"),
             "wall_time_s": info.get("wall_time_s"),
             "train_images_per_s": info.get("images_per_s"),
             "train_images": info.get("n_train_images"),
         }
-        console.print(summary_table("training", summary))
+        summary["fit_wall_time_s"] = info.get("fit_wall_time_s")
+        console.print(summary_table("training", {k: v for k, v in summary.items() if v is not None}))
+        if meta.get("selection"):
+            console.print(selection_table(meta["selection"]))
         if json_out:
-            emit_json({**summary, "history": info.get("history", [])})
+            emit_json({**summary, "history": info.get("history", []), "selection": meta.get("selection")})
 
 
 @app.command()
@@ -176,13 +185,46 @@ def evaluate(
         payload = read_json(path)
         metrics = payload["metrics"]
         model_rows = {k: v for k, v in metrics.items() if not k.startswith("baseline_")}
-        console.print(summary_table(f"evaluation ({payload['n_images']} test images)", model_rows))
+        kind = (payload.get("model") or {}).get("kind", "recontrast")
+        console.print(summary_table(f"evaluation: {kind} ({payload['n_images']} test images)", model_rows))
+        split = payload.get("evaluation_split") or {}
+        if split.get("note"):
+            console.print(f"[dim]split:[/] {split['note']}", highlight=False, soft_wrap=True)
+        op = payload.get("operating_point") or {}
+        if op:
+            target = f"target FPR {op['target_fpr']:g} " if op.get("target_fpr") is not None else ""
+            console.print(f"[dim]operating point:[/] threshold {op['threshold']:.6g} ({op['method']} rule, {target}"
+                          f"on {op['n_calibration_normals']} held-out normals): recall "
+                          f"{metrics.get('recall_at_threshold', float('nan')):.3f}, FPR "
+                          f"{metrics.get('fpr_at_threshold', float('nan')):.3f}", highlight=False, soft_wrap=True)
+        selection = (payload.get("model") or {}).get("selection")
+        if selection:
+            console.print(selection_table(selection))
         if payload.get("note"):
             console.print(f"[yellow]note:[/] {payload['note']}", highlight=False, soft_wrap=True)
         if "baseline" in payload:
             console.print(comparison_table(metrics))
         if json_out:
             emit_json({k: v for k, v in payload.items() if k != "per_image"})
+
+
+def selection_table(selection: dict):
+    """``model.kind: auto``: each candidate's validation metrics and the chosen kind."""
+    from rich.table import Table
+
+    v = selection.get("validation") or {}
+    table = Table(title=f"model kinds on the validation split ({v.get('source', '?')}, {v.get('n_images', '?')} "
+                        f"images); chosen: {selection.get('chosen')}", header_style="bold")
+    for col in ("kind", "image_auroc", "pixel_auroc", "aupro"):
+        table.add_column(col, justify="right" if col != "kind" else "left")
+    for name, m in (selection.get("candidates") or {}).items():
+        mark = " *" if name == selection.get("chosen") else ""
+        table.add_row(name + mark, *(f"{m[k]:.4f}" if k in m else "-" for k in ("image_auroc", "pixel_auroc", "aupro")))
+    best = selection.get("best_training_free") or {}
+    if best:
+        table.caption = (f"patchknn setting (best of {len(selection.get('grid') or [])} on the grid): "
+                         f"{best.get('backbone')} {best.get('image_size')} px, input statistics {best.get('input_stats')}")
+    return table
 
 
 def comparison_table(metrics: dict):

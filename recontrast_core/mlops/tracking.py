@@ -403,6 +403,27 @@ def log_loss_curve(
 
 
 
+def log_selection(kind: str, selection: Optional[Mapping[str, Any]], run_id: Optional[str] = None,
+                  client=None) -> dict[str, float]:
+    """The model kind a train step shipped (tag ``model_kind``) and, for ``model.kind: auto``,
+    every candidate's and grid setting's validation metrics (``selection/<candidate>/<metric>``,
+    ``selection/grid/<backbone>_<size>_<stats>/image_auroc``)."""
+    set_tags({"model_kind": kind, **({"selection_rule": selection.get("rule", "")} if selection else {})},
+             run_id, client)
+    if not selection:
+        return {}
+    flat: dict[str, float] = {}
+    for name, metrics in (selection.get("candidates") or {}).items():
+        for key, value in metrics.items():
+            flat[f"selection/{name}/{key}"] = value
+    for rec in selection.get("grid") or []:
+        tag = f"{rec['backbone']}_{rec['image_size']}_{rec['input_stats']}"
+        flat[f"selection/grid/{tag}/image_auroc"] = rec["image_auroc"]
+    for key, value in (selection.get("wall_time_s") or {}).items():
+        flat[f"selection/wall_time_s/{key}"] = value
+    return log_metrics(flat, run_id, client=client)
+
+
 def log_evaluation(
     metrics_payload: Any,
     run_id: Optional[str] = None,

@@ -13,7 +13,8 @@ from ..errors import UserError
 from ..evaluate import evaluate_bundle
 from ..plots import overlay_grid, plot_roc_pr
 from ..runtime import atomic_write_json, ensure_output_dir
-from .artifacts import METRICS_FILE, METRICS_SUMMARY_FILE, PLOTS_DIR, PathLike, find_bundle_dir, load_manifest
+from .artifacts import (METRICS_FILE, METRICS_SUMMARY_FILE, PLOTS_DIR, PathLike, find_bundle_dir, load_manifest,
+                        select_shots)
 from .tracked import log_artifacts, step_tracking
 
 
@@ -45,8 +46,11 @@ def evaluate(
     with step_tracking("evaluate", pipeline_run_id, settings.tracking,
                        params={"device": device, "n_test_images": len(test), "baseline": settings.baseline}) as run_id:
         detector = load_detector(bundle, device)
+        # few-shot: the baseline's bank holds the same shots as the model's training set
         payload = evaluate_bundle(detector, rows, out_dir=out, progress=progress, device=device,
-                                  keep_maps=overlay_images > 0, baseline=settings.baseline)
+                                  keep_maps=overlay_images > 0, baseline=settings.baseline,
+                                  baseline_train=select_shots(rows, settings.shots) if settings.shots else None,
+                                  model_settings=settings.model)
         maps, images = payload.pop("_maps", None), payload.pop("_images", None)
         atomic_write_json(out / METRICS_SUMMARY_FILE, {
             k: v for k, v in payload["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -76,8 +76,9 @@ def register(
             from ..mlops.pyfunc_model import log_pyfunc
 
             model_uri = log_pyfunc(bundle, name="model", run_id=run_id, device=device).model_uri
+        kind = str((read_json(bundle / "bundle.json") or {}).get("model_kind", "recontrast"))
         version = registry.register_candidate(run_id, name, pid, metrics, fingerprint, model_uri=model_uri,
-                                              client=client)
+                                              client=client, tags={"model_kind": kind})
         mv = client.get_model_version(name, version)
         recorded = (mv.tags or {}).get(registry.TAG_DECISION)
         if recorded is not None:  # a retry after the gate already ran: report, don't redo

@@ -1,4 +1,5 @@
-"""train: ReContrast on the normal training images -> the model bundle."""
+"""train: the model kind ``settings.model.kind`` on the normal training images -> the model
+bundle (``auto``: the best of ReContrast, patch-kNN and their fusion on the validation split)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ..config import PipelineConfig
 from ..data.manifest import Manifest
 from ..distributed import is_main_process
 from ..runtime import ensure_output_dir
-from ..train import train_model
+from ..fit import fit_detector
 from .artifacts import with_local_weights, PathLike, find_encoder, load_manifest, select_shots
 from .tracked import log_artifacts, step_tracking
 
@@ -35,22 +36,24 @@ def train(
     cfg = with_local_weights(settings.train, out)
     encoder = find_encoder(init_encoder)
     rows = select_shots(load_manifest(manifest), settings.shots).select(split="train")
-    params = {"train": cfg, "inference": settings.inference, "calibration": settings.calibration,
+    params = {"model": settings.model, "train": cfg, "inference": settings.inference, "calibration": settings.calibration,
               "shots": settings.shots or 0, "init_encoder": "adapted" if encoder else "backbone weights",
               "n_train_images": len(rows)}
     if not is_main_process():
         pipeline_run_id = None  # one MLflow run per step, from rank 0
     with step_tracking("train", pipeline_run_id, settings.tracking, params=params,
                        dataset_fingerprint=rows.fingerprint) as run_id:
-        result = train_model(rows, cfg, out, init_encoder=str(encoder) if encoder else None, resume=resume,
-                             progress=progress, calibration=settings.calibration, inference=settings.inference,
-                             few_shot=bool(settings.shots))
+        result = fit_detector(rows, settings.model, cfg, out, init_encoder=str(encoder) if encoder else None,
+                              resume=resume, progress=progress, calibration=settings.calibration,
+                              inference=settings.inference, few_shot=bool(settings.shots))
         if run_id is not None:
             from ..mlops import tracking as mlflow_tracking
 
-            mlflow_tracking.log_loss_curve(result.history, run_id)
+            if result.history:
+                mlflow_tracking.log_loss_curve(result.history, run_id)
             mlflow_tracking.log_metrics({"train/iterations": result.iterations,
                                          "train/wall_time_s": result.wall_time_s,
                                          "train/images_per_s": result.images_per_s}, run_id)
+            mlflow_tracking.log_selection(result.kind, result.selection, run_id)
             log_artifacts(run_id, Path(result.bundle_dir) / "bundle.json", "train", settings.tracking)
     return Path(result.bundle_dir)

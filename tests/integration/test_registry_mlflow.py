@@ -26,7 +26,11 @@ from recontrast_core.promotion import PromotionPolicy
 
 pytestmark = pytest.mark.integration
 
-POLICY = PromotionPolicy(floors={"image_auroc": 0.7}, primary_metric="image_auroc", margin=0.005)
+# These tests are about the registry's mechanics (aliases, tags, re-evaluation, locks); their
+# synthetic metrics carry no training-free baseline, so the baseline floor (which fails
+# closed) is off here. test_baseline_floor_through_the_registry turns it on.
+POLICY = PromotionPolicy(floors={"image_auroc": 0.7}, primary_metric="image_auroc", margin=0.005,
+                         baseline_floor=False)
 FP_A = "a" * 64
 FP_B = "b" * 64
 
@@ -135,6 +139,35 @@ def test_promotion_rules_and_rollback(client, tmp_path):
     assert info["aliases"][CHAMPION] == v1
     assert info["aliases"][CHALLENGER] == v5
     assert {v["version"]: v["metrics"]["image_auroc"] for v in info["versions"]}[v2] == 0.95
+
+
+def test_baseline_floor_through_the_registry(client, tmp_path):
+    """The baseline keys round-trip through the version's metric tags and the gate uses them."""
+    name = _uid("m")
+    policy = POLICY.model_copy(update={"baseline_floor": True})  # baseline_rule="bootstrap"
+    # no baseline in the metrics: refused, however good (the floor fails closed)
+    v1, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.97}, FP_A)
+    d = promote_if_better(client, name, v1, policy)
+    assert not d.promote and "fails closed" in d.reason
+    assert client.get_model_version(name, v1).tags["promotion_decision"] == "rejected"
+    assert _alias(client, name, CHAMPION) is None
+    # significantly worse than the baseline (interval wholly below 0): refused
+    v2, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.88, "baseline_image_auroc": 0.93,
+                                                "baseline_delta_image_auroc_lo": -0.081,
+                                                "baseline_delta_image_auroc_hi": -0.02}, FP_A)
+    d = promote_if_better(client, name, v2, policy)
+    assert not d.promote and "paired bootstrap interval [-0.081, -0.020]" in d.reason
+    # not distinguishable from the baseline: promoted, the interval in the recorded reason
+    v3, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.92, "baseline_image_auroc": 0.93,
+                                                "baseline_delta_image_auroc_lo": -0.03,
+                                                "baseline_delta_image_auroc_hi": 0.006}, FP_A)
+    d = promote_if_better(client, name, v3, policy)
+    assert d.promote, d.reason
+    tags = client.get_model_version(name, v3).tags
+    assert tags["promotion_decision"] == "promoted"
+    assert "baseline delta -0.010 [-0.030, +0.006]" in tags["promotion_reason"]
+    assert float(tags["metric.baseline_delta_image_auroc_hi"]) == pytest.approx(0.006)
+    assert _alias(client, name, CHAMPION).version == v3
 
 
 def test_fingerprint_mismatch_reevaluates_champion(client, tmp_path):
@@ -346,8 +379,10 @@ def test_cli_status_promote_rollback(client, tmp_path, mlflow_server):
     from recontrast_core.cli.registry import registry_app
 
     name = _uid("m")
-    v1, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.9}, FP_A)
-    v2, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.8}, FP_A)
+    # `registry promote --gate` applies the default policy, the baseline floor included:
+    # these candidates carry a training-free baseline (flat rule, no bootstrap interval)
+    v1, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.9, "baseline_image_auroc": 0.86}, FP_A)
+    v2, _ = _candidate(client, tmp_path, name, {"image_auroc": 0.8, "baseline_image_auroc": 0.79}, FP_A)
     runner = CliRunner()
     common = ["--model-name", name, "--tracking-uri", mlflow_server.url]
 
@@ -358,6 +393,7 @@ def test_cli_status_promote_rollback(client, tmp_path, mlflow_server):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) | {"reason": ""} == {
         "model_name": name, "version": v2, "promoted": False, "reason": ""}
+    assert "worse than champion" in json.loads(r.stdout)["reason"]  # refused for the comparison
     r = runner.invoke(registry_app, ["promote", v2, *common])  # forced needs a reason
     assert r.exit_code == 2 and "reason" in r.output
     r = runner.invoke(registry_app, ["promote", "abc", "--reason", "x", *common])  # not a version number

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from recontrast_core.calibration import Calibration, decide, normalise
-from recontrast_core.export import CalibrationMap, GaussianBlur, _float32_at_or_above, symmetric_pad_index
+from recontrast_core.scoring import CalibrationMap, GaussianBlur, symmetric_pad_index
+from recontrast_core.scoring import float32_at_or_above as _float32_at_or_above
 from recontrast_core.inference import _pad_symmetric, gaussian_blur
 
 

@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from .backbones import Encoder, create_encoder
+from ...config import TrainConfig
+from ..backbones import Encoder, create_encoder
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:

@@ -1,0 +1,138 @@
+"""Model kinds: the registry, the patch-kNN search, the fused normalisation, bundles of every
+kind, and ``model.kind: auto`` choosing on the validation split (synthetic images: no
+shared data needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recontrast_core.bundle import load_detector
+from recontrast_core.config import AutoConfig, BackboneConfig, ModelConfig, PatchKnnConfig, TrainConfig
+from recontrast_core.data.layouts import read_mvtec
+from recontrast_core.errors import UserError
+from recontrast_core.fit import fit_detector
+from recontrast_core.models.backbones import create_encoder
+from recontrast_core.models.fused import FusedScorer, fit_quantiles, resize_matrix
+from recontrast_core.models.kinds import KINDS, get_kind
+from recontrast_core.models.patchknn import PatchKnnScorer, nearest_distances
+from recontrast_core.selection import in_validation_half, split_test
+from tests.conftest import build_tiny_mvtec
+
+SMALL = TrainConfig(image_size=64, iterations=2, batch_size=4, decoder_blocks=(1, 1, 1), bottleneck_blocks=1,
+                    device="cpu", log_every=1, checkpoint_every=2)
+
+
+@pytest.fixture
+def synth_set(tmp_path):
+    return build_tiny_mvtec(tmp_path / "ds", n_train=10, n_test_good=6, defects={"crack": 6}, size=(64, 64))
+
+
+def test_registry_lists_the_three_kinds_and_refuses_others():
+    assert set(KINDS) == {"recontrast", "patchknn", "fused"}
+    with pytest.raises(UserError, match="unknown model kind 'bogus'"):
+        get_kind("bogus")
+
+
+def test_patchknn_search_is_exact_nearest_neighbour():
+    enc = create_encoder(BackboneConfig(weights="none"))
+    cfg = PatchKnnConfig(image_size=64)
+    g = torch.Generator().manual_seed(0)
+    dim = sum(enc.channels[i] for i in cfg.levels)
+    bank = torch.randn(500, dim, generator=g) * 3 + 5  # offset: the centring must not change the answer
+    queries = torch.randn(3000, dim, generator=g) * 3 + 5
+    scorer = PatchKnnScorer(enc, cfg, bank)
+    got = scorer.nearest(queries)  # chunked in eager mode
+    assert torch.allclose(got, nearest_distances(bank, queries), rtol=1e-4, atol=1e-3)
+    # a bank row: zero up to the expansion's float32 error, sqrt(eps * |q - centre|^2) ~ 0.05
+    # here (|q - centre|^2 ~ 8,000); real queries are units away from the bank
+    assert scorer.nearest(bank[:7]).max() < 0.1
+
+
+def test_resize_matrix_is_torch_antialiased_bilinear():
+    x = torch.rand(2, 3, 96, 96)
+    w = resize_matrix(96, 64)
+    ours = w.T @ x @ w
+    ref = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_fused_quantiles_map_normal_q_lo_to_0_and_q_hi_to_a_tenth():
+    class Const(torch.nn.Module):
+        def __init__(self, scale, size):
+            super().__init__()
+            self.scale, self.image_size = scale, size
+
+        def forward(self, x):
+            return x.float().mean(1) * self.scale
+
+    fused = FusedScorer(Const(1.0, 32), Const(100.0, 32), ModelConfig().fusion)
+    normals = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    q = fit_quantiles(fused, normals)
+    r, p = fused.branch_maps(normals)
+    assert q[0, 0] == pytest.approx(float(np.quantile(r.numpy(), 0.9)), rel=1e-5)
+    assert q[1, 1] == pytest.approx(float(np.quantile(p.numpy(), 0.995)), rel=1e-5)
+    out = fused(normals)  # both branches equally weighted after normalisation
+    assert np.quantile(out.numpy(), 0.995) == pytest.approx(0.2, abs=0.02)
+
+
+@pytest.mark.parametrize("kind", ["patchknn", "fused"])
+def test_every_kind_round_trips_through_its_bundle(synth_set, tmp_path, kind):
+    m = read_mvtec(synth_set)
+    model = ModelConfig(kind=kind, patchknn={"image_size": 64, "fraction": 0.3})
+    res = fit_detector(m, model, SMALL, tmp_path / "out", progress=False)
+    meta = json.loads((res.bundle_dir / "bundle.json").read_text())
+    assert meta["model_kind"] == kind and res.kind == kind
+    assert (meta["train_config"] is None) == (kind == "patchknn")
+    det = load_detector(res.bundle_dir, "cpu")
+    assert det.kind == kind and det.image_size == 64
+    paths = [str(p) for p in m.select(split="test").image_paths()]
+    a, b = det.predict(paths), load_detector(res.bundle_dir, "cpu").predict(paths)
+    assert [r["score"] for r in a] == [r["score"] for r in b]
+    assert all(0.0 <= r["normalized_score"] <= 1.0 for r in a)
+    if kind == "patchknn":
+        with pytest.raises(AttributeError):
+            det.model  # no ReContrast network in a training-free bundle
+
+
+def test_a_bundle_of_an_unknown_kind_is_one_line(synth_set, tmp_path):
+    m = read_mvtec(synth_set)
+    res = fit_detector(m, ModelConfig(kind="patchknn", patchknn={"image_size": 64}), SMALL, tmp_path / "o",
+                       progress=False)
+    meta_path = res.bundle_dir / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_kind"] = "bogus"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="bundle.json: unknown model kind 'bogus'"):
+        load_detector(res.bundle_dir, "cpu")
+    meta["model_kind"] = "patchknn"
+    del meta["patchknn"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="invalid patchknn settings"):
+        load_detector(res.bundle_dir, "cpu")
+
+
+def test_auto_scores_every_candidate_on_the_validation_split_and_keeps_the_best(synth_set, tmp_path):
+    m = read_mvtec(synth_set)
+    auto = AutoConfig(backbones=("tf_efficientnet_lite0",), image_sizes=(64,), input_stats=("auto", "imagenet"))
+    res = fit_detector(m, ModelConfig(kind="auto", auto=auto, patchknn={"image_size": 64}), SMALL, tmp_path / "o",
+                       progress=False)
+    sel = res.selection
+    assert set(sel["candidates"]) == {"recontrast", "patchknn", "fused"}
+    assert len(sel["grid"]) == 2 and all("image_auroc" in g for g in sel["grid"])
+    best = max(sel["candidates"].values(), key=lambda c: (c["image_auroc"], c.get("aupro", -1)))
+    assert sel["candidates"][sel["chosen"]] == best and res.kind == sel["chosen"]
+    meta = json.loads((res.bundle_dir / "bundle.json").read_text())
+    assert meta["model_kind"] == sel["chosen"] and meta["selection"]["chosen"] == sel["chosen"]
+    halves = split_test(m)
+    if halves.rule == "hash half":  # ranked on the validation half only
+        assert sel["validation"]["n_images"] == len(halves.validation)
+        assert all(in_validation_half(e.path) for e in halves.validation.entries)
+        assert not any(in_validation_half(e.path) for e in halves.report.entries)
+    else:
+        assert sel["validation"]["source"] == "synthetic"
+    assert load_detector(res.bundle_dir, "cpu").predict([str(m.select(split="test").image_paths()[0])])
