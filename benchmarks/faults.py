@@ -46,7 +46,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DATA = REPO.parent / "shared" / "data" / "magnetic-tile-dev"
-TRAIN_ARGS = ["--image-size", "64", "--iterations", "12", "--batch-size", "4", "--set", "train.decoder_blocks=[1,1,1]",
+# --kind recontrast: the suite kills and resumes ReContrast's training loop (checkpoints)
+TRAIN_ARGS = ["--kind", "recontrast", "--image-size", "64", "--iterations", "12", "--batch-size", "4", "--set", "train.decoder_blocks=[1,1,1]",
               "--set", "train.bottleneck_blocks=1", "--set", "train.checkpoint_every=2", "--set", "train.log_every=3",
               "--device", "cpu", "--no-progress", "--json"]
 

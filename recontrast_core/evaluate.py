@@ -268,7 +268,9 @@ def baseline_metrics(detector: Detector, manifest: Manifest, test_images, labels
         score_fn = lambda x: score_images(scorer, InferenceConfig(gaussian_sigma=cfg.gaussian_sigma), x, dev)[1]  # noqa: E731
     else:
         train_images, _, _ = load_resized(train, detector.image_size, with_masks=False, progress=progress)
-        model = PatchBaseline(detector.model.frozen, cfg, device=detector.device).fit(train_images)
+        # the detector's frozen ReContrast encoder; a patch-kNN bundle's own encoder
+        encoder = detector.model.frozen if detector.kind != "patchknn" else detector.scorer.encoder
+        model = PatchBaseline(encoder, cfg, device=detector.device).fit(train_images)
         bank_size = int(model.bank.shape[0])
         maps, scores = model.score(test_images)
         score_fn = lambda x: model.score(x)[1]  # noqa: E731

@@ -115,9 +115,13 @@ class _CalibrationImages:
             return shot_views(self.shots.at(size), FEW_SHOT_CALIBRATION_VIEWS, self.seed + 1)
         return self.held.at(size)
 
-    def describe(self) -> str:
-        return (f"{FEW_SHOT_CALIBRATION_VIEWS} augmented views of each shot" if self.use_views
-                else "held-out normal training images")
+    def describe(self) -> dict:
+        """The bundle's training-summary fields, as :func:`recontrast_core.train.train_model` writes them."""
+        if self.use_views:
+            return {"n_calibration_images": len(self.shots.rows), "calibration_views": FEW_SHOT_CALIBRATION_VIEWS,
+                    "calibration_set": "augmented views of the shots"}
+        return {"n_calibration_images": len(self.held.rows), "calibration_views": 1,
+                "calibration_set": "held-out normal training images"}
 
 
 def calibrate(scorer, inference: InferenceConfig, images: torch.Tensor, calibration: CalibrationConfig,
@@ -179,8 +183,9 @@ def fit_detector(
     log: Callable[[str], None] = lambda _: None,
 ) -> FitResult:
     """Fit ``model.kind`` on the manifest's normal training images; the bundle is
-    ``out_dir/bundle`` (module doc). ``auto`` and ``fused`` train ReContrast into
-    ``out_dir/candidates/recontrast`` (its checkpoints, so ``resume`` works)."""
+    ``out_dir/bundle`` (module doc). ``auto`` and ``fused`` train ReContrast as ``recontrast``
+    does (checkpoints in ``out_dir/checkpoints``, so ``resume`` works the same) and keep its
+    bundle as the candidate ``out_dir/candidates/recontrast``."""
     out_dir = Path(out_dir)
     kind = model.kind
     train_kw = dict(init_encoder=init_encoder, resume=resume, progress=progress, calibration=calibration,
@@ -201,7 +206,7 @@ def fit_detector(
     wants_recontrast = kind == "fused" or (kind == "auto" and any(k in model.auto.kinds for k in ("recontrast", "fused")))
     if wants_recontrast:
         t0 = time.perf_counter()
-        trained = train_model(manifest, cfg, out_dir / CANDIDATES_DIR / "recontrast", **train_kw)
+        trained = train_model(manifest, cfg, out_dir, bundle_dir=out_dir / CANDIDATES_DIR / "recontrast", **train_kw)
         recontrast_s = time.perf_counter() - t0
     if not distributed.is_main_process():  # under torchrun rank 0 alone fits, selects and writes
         return FitResult(out_dir / "bundle", kind)
@@ -210,9 +215,8 @@ def fit_detector(
     fit_images = _Images(fit, cache_dir, progress)
     calib_images = _CalibrationImages(_Images(held, cache_dir, progress), fit_images,
                                       use_views=few_shot or len(held) == 0, seed=cfg.seed)
-    encoder = None
-    if init_encoder and kind == "patchknn":
-        log("patchknn uses the backbone's ImageNet weights; the adapted encoder is for ReContrast")
+    if init_encoder and kind != "recontrast":
+        log("the patch-kNN bank uses the backbone's ImageNet weights; the adapted encoder is ReContrast's")
     rc_scorer = load_detector(trained.bundle_dir, str(device)).scorer if trained is not None else None
     selection = None
     if kind == "auto":
@@ -225,7 +229,7 @@ def fit_detector(
         scorers: dict[str, torch.nn.Module] = {}
         t0 = time.perf_counter()
         if (best_pk.sampler, best_pk.fraction) != ("random", model.auto.grid_fraction):  # refit the winner
-            pk_scorer = fit_patchknn(fit_images.at(best_pk.image_size), best_pk, device, encoder=encoder)
+            pk_scorer = fit_patchknn(fit_images.at(best_pk.image_size), best_pk, device)
             pk_scorer.fast_search = True
         if "patchknn" in model.auto.kinds or "fused" in model.auto.kinds:
             scorers["patchknn"] = pk_scorer
@@ -254,8 +258,7 @@ def fit_detector(
                             "candidates": round(time.perf_counter() - t0, 2)},
         }
     elif kind == "patchknn":
-        scorer = fit_patchknn(fit_images.at(model.patchknn.image_size), model.patchknn, device, encoder=encoder,
-                              progress=progress)
+        scorer = fit_patchknn(fit_images.at(model.patchknn.image_size), model.patchknn, device, progress=progress)
         chosen = kind
     elif kind == "fused":
         pk_scorer = fit_patchknn(fit_images.at(model.patchknn.image_size), model.patchknn, device, progress=progress)
@@ -273,8 +276,7 @@ def fit_detector(
     train_summary.update({
         "model_kind": chosen,
         "n_train_images": len(fit),
-        "n_calibration_images": int(calib.n_normal),
-        "calibration_set": calib_images.describe(),
+        **calib_images.describe(),
         "fit_wall_time_s": round(time.perf_counter() - t_start, 2),
         "device": str(device),
     })

@@ -239,6 +239,7 @@ def train_model(
     inference: InferenceConfig = InferenceConfig(),
     cache_dir: Optional[Path] = None,
     few_shot: bool = False,
+    bundle_dir: Optional[Path] = None,
 ) -> TrainResult:
     """Train on the manifest's normal training images; write checkpoints and the bundle.
 
@@ -248,7 +249,8 @@ def train_model(
     augmentation is on unless ``cfg.augment`` says otherwise. Otherwise
     ``calibration.validation_fraction`` of the normals is held out to set the threshold.
 
-    Under ``torchrun`` every process calls this with the same arguments (module docstring);
+    ``bundle_dir``: where the bundle goes (default ``out_dir/bundle``; checkpoints always in
+    ``out_dir/checkpoints``). Under ``torchrun`` every process calls this with the same arguments (module docstring);
     ``cfg.batch_size`` is the global batch and must divide by ``WORLD_SIZE``.
     """
     out_dir = Path(out_dir)
@@ -266,7 +268,7 @@ def train_model(
     try:
         history, wall, trainer, ckpt = _fit(fit, cfg, out_dir, device, ctx, init_encoder=init_encoder, resume=resume,
                                             progress=progress and ctx.is_main, cache_dir=cache_dir)
-        bundle_dir = out_dir / "bundle"
+        bundle_dir = Path(bundle_dir) if bundle_dir is not None else out_dir / "bundle"
         if ctx.is_main:  # one writer; the other processes wait at the barrier below
             detector = Detector(scorer=ReContrastScorer(trainer.model.eval(), cfg.image_size), config=cfg,
                                 inference=inference, calibration=None, meta={}, device=device)

@@ -35,7 +35,9 @@ def train(
     out = ensure_output_dir(out_dir)
     cfg = with_local_weights(settings.train, out)
     encoder = find_encoder(init_encoder)
-    rows = select_shots(load_manifest(manifest), settings.shots).select(split="train")
+    # the test split stays in: model.kind auto ranks the kinds on its validation half
+    everything = select_shots(load_manifest(manifest), settings.shots)
+    rows = everything.select(split="train")
     params = {"model": settings.model, "train": cfg, "inference": settings.inference, "calibration": settings.calibration,
               "shots": settings.shots or 0, "init_encoder": "adapted" if encoder else "backbone weights",
               "n_train_images": len(rows)}
@@ -43,7 +45,7 @@ def train(
         pipeline_run_id = None  # one MLflow run per step, from rank 0
     with step_tracking("train", pipeline_run_id, settings.tracking, params=params,
                        dataset_fingerprint=rows.fingerprint) as run_id:
-        result = fit_detector(rows, settings.model, cfg, out, init_encoder=str(encoder) if encoder else None,
+        result = fit_detector(everything, settings.model, cfg, out, init_encoder=str(encoder) if encoder else None,
                               resume=resume, progress=progress, calibration=settings.calibration,
                               inference=settings.inference, few_shot=bool(settings.shots))
         if run_id is not None:

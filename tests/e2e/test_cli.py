@@ -60,7 +60,7 @@ def test_user_errors_exit_2_with_one_line(tiny_mvtec, tmp_path, args, message):
 def test_few_shot_training_cli(tiny_tile, tmp_path):
     out = tmp_path / "fs"
     r = run("train", tiny_tile, "--out", out, "--shots", "4", "--image-size", "64", "--iterations", "2",
-            "--batch-size", "4", "--no-progress")
+            "--batch-size", "4", "--kind", "recontrast", "--no-progress")
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "bundle" / "bundle.json").read_text())
     assert meta["train_config"]["augment"] is True  # on by default with --shots

@@ -249,6 +249,13 @@ def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_s
     assert {k: train_params.get(k) for k in expected} == expected
     assert len(client.get_metric_history(by_step["train"].info.run_id, "train/loss")) >= 1
     assert by_step["train"].data.metrics["train/iterations"] == 2
+    # model.kind auto (the default): every candidate's validation metrics and the chosen kind
+    train_run = by_step["train"].data
+    chosen = train_run.tags["model_kind"]
+    assert chosen in ("recontrast", "patchknn", "fused")
+    for kind in ("recontrast", "patchknn", "fused"):
+        assert 0.0 <= train_run.metrics[f"selection/{kind}/image_auroc"] <= 1.0, sorted(train_run.metrics)
+    assert any(k.startswith("selection/grid/") for k in train_run.metrics)
 
     # evaluate: the metrics and the evaluation artifacts (stored on S3 through the server)
     eval_run = by_step["evaluate"]
@@ -280,6 +287,7 @@ def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_s
     assert champion.tags["pipeline_run_id"] == run_id
     assert champion.tags["dataset_fingerprint"] == fingerprint
     assert champion.tags["promotion_decision"] == "promoted"
+    assert champion.tags["model_kind"] == chosen  # the registry version records the kind
     assert float(champion.tags["metric.image_auroc"]) == pytest.approx(eval_run.data.metrics["image_auroc"])
     assert set(client.get_registered_model(model_name).aliases) == {"champion"}
 

@@ -98,7 +98,7 @@ def _torchrun_train(dataset: Path, out: Path, logs: Path, iterations: int, *extr
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "recontrast_core.cli", "train", str(dataset), "--out", str(out),
+           "--master-port", str(free_port()), "-m", "recontrast_core.cli", "train", str(dataset), "--out", str(out), "--kind", "recontrast",
            "--no-progress", "--json", *_sets(iterations), *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
 

@@ -136,3 +136,22 @@ def test_auto_scores_every_candidate_on_the_validation_split_and_keeps_the_best(
     else:
         assert sel["validation"]["source"] == "synthetic"
     assert load_detector(res.bundle_dir, "cpu").predict([str(m.select(split="test").image_paths()[0])])
+
+
+def test_the_train_step_ranks_on_the_test_splits_validation_half(synth_set, tmp_path):
+    """The step hands fit_detector the whole manifest: auto ranks on the labelled validation
+    half, not on synthesised anomalies (a step that kept only the training rows would)."""
+    from recontrast_core.config import PipelineConfig
+    from recontrast_core.steps.train import train as train_step
+
+    m = read_mvtec(synth_set)
+    assert split_test(m).rule == "hash half"
+    settings = PipelineConfig(
+        train=SMALL, tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        model=ModelConfig(kind="auto", patchknn={"image_size": 64},
+                          auto=AutoConfig(backbones=("tf_efficientnet_lite0",), image_sizes=(64,),
+                                          input_stats=("auto",))))
+    bundle = train_step(m, tmp_path / "out", settings, progress=False)
+    sel = json.loads((bundle / "bundle.json").read_text())["selection"]
+    assert sel["validation"]["rule"] == "hash half"
+    assert sel["validation"]["n_images"] == len(split_test(m).validation)
