@@ -41,7 +41,7 @@ from .models.patchknn import fit_patchknn
 from .progress import track_steps
 from .runtime import resolve_device
 from .scoring import ScoringHead
-from .selection import SelectionSet, rank_key, rank_metrics, split_test
+from .selection import SelectionSet, choose, rank_key, rank_metrics, split_test
 from .train import FEW_SHOT_CALIBRATION_VIEWS, train_model
 
 CANDIDATES_DIR = "candidates"
@@ -246,11 +246,11 @@ def fit_detector(
             maps, scores = score_images(scorer, inference, images, device)
             candidates[name] = rank_metrics(labels, scores, masks, maps)
             log(f"candidate {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in candidates[name].items()))
-        chosen = max(candidates, key=lambda k: rank_key(candidates[k]))
+        chosen = choose(candidates, model.auto.tie)
         scorer = scorers[chosen]
         pk_scorer.fast_search = False  # the shipped detector searches exactly
         selection = {
-            "chosen": chosen, "rule": "image_auroc, then aupro, on the validation split",
+            "chosen": chosen, "rule": f"image_auroc (within {model.auto.tie:g} a tie), then aupro, on the validation split",
             "validation": {**sel.describe(), **halves.describe()},
             "candidates": candidates, "grid": grid, "grid_fraction": model.auto.grid_fraction,
             "best_training_free": best_pk.model_dump(mode="json"),

@@ -123,3 +123,12 @@ def rank_metrics(labels: np.ndarray, scores: np.ndarray, masks: Optional[np.ndar
 def rank_key(metrics: dict) -> tuple[float, float]:
     """Best first when sorted descending: image AUROC, then AUPRO (absent: lowest)."""
     return (metrics.get("image_auroc", float("-inf")), metrics.get("aupro", float("-inf")))
+
+
+def choose(candidates: dict[str, dict], tie: float = 0.005) -> str:
+    """The candidate to ship: the highest image AUROC; among those within ``tie`` of it
+    (a difference that one or two swapped image pairs make on ~200 validation images), the
+    highest AUPRO (then the higher image AUROC)."""
+    top = max(c.get("image_auroc", float("-inf")) for c in candidates.values())
+    close = [k for k, c in candidates.items() if c.get("image_auroc", float("-inf")) >= top - tie - 1e-12]
+    return max(close, key=lambda k: (candidates[k].get("aupro", float("-inf")), candidates[k].get("image_auroc")))

@@ -257,3 +257,31 @@ def test_local_kfp_run_of_the_batch_pipeline(tiny_bundle, tmp_path) -> None:
     assert result["images"] == 3 and result["scored"] == 3 and result["unreadable"] == 1
     assert (tmp_path / "scores" / "results.parquet").is_file()
     assert len(list((tmp_path / "scores" / "parts").glob("part-*.parquet"))) == 2
+
+
+def test_a_fused_bundle_batch_scores_like_its_detector(tiny_bundle, moto_s3, bucket_with_images) -> None:
+    """Batch scoring is kind-agnostic: a fused bundle (ReContrast at 64 px inside a 96 px
+    patch-kNN graph) scores S3 -> S3 exactly as its own Detector does on the same files."""
+    from recontrast_core.bundle import load_detector
+    from recontrast_core.config import ModelConfig
+    from recontrast_core.data.layouts import read_mvtec
+    from recontrast_core.fit import fuse_existing
+
+    data = tiny_bundle.parents[1] / "tiles"
+    fused = fuse_existing(tiny_bundle, read_mvtec(data), ModelConfig(patchknn={"image_size": 96, "fraction": 0.25}),
+                          tiny_bundle.parents[1] / "fused", device="cpu")
+    bucket, expected = bucket_with_images
+    s3 = moto_s3.client()
+    r = subprocess.run([*CLI, "predict", "--model", str(fused), f"s3://{bucket}/incoming/", "--out",
+                        f"s3://{bucket}/fused-results/", "--no-overlays", "--no-progress", "--json"],
+                       env=_env(moto_s3), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stderr  # the corrupt PNG
+    table = {row["path"]: row for row in _table(s3, bucket, "fused-results/results.parquet").to_pylist()}
+    assert sorted(table) == sorted(expected)
+    det = load_detector(fused, "cpu")
+    assert det.kind == "fused"
+    local = {f"s3://{bucket}/incoming/{f.parent.name}/{f.name}": f for f in _images(N_IMAGES)}
+    ref = dict(zip(local, det.predict(list(local.values()))))
+    for uri, row in ref.items():
+        assert table[uri]["score"] == pytest.approx(row["score"], rel=1e-6, abs=1e-7)
+        assert table[uri]["decision"] == row["decision"]

@@ -124,8 +124,9 @@ def test_auto_scores_every_candidate_on_the_validation_split_and_keeps_the_best(
     sel = res.selection
     assert set(sel["candidates"]) == {"recontrast", "patchknn", "fused"}
     assert len(sel["grid"]) == 2 and all("image_auroc" in g for g in sel["grid"])
-    best = max(sel["candidates"].values(), key=lambda c: (c["image_auroc"], c.get("aupro", -1)))
-    assert sel["candidates"][sel["chosen"]] == best and res.kind == sel["chosen"]
+    from recontrast_core.selection import choose
+
+    assert sel["chosen"] == choose(sel["candidates"], auto.tie) and res.kind == sel["chosen"]
     meta = json.loads((res.bundle_dir / "bundle.json").read_text())
     assert meta["model_kind"] == sel["chosen"] and meta["selection"]["chosen"] == sel["chosen"]
     halves = split_test(m)
@@ -136,6 +137,17 @@ def test_auto_scores_every_candidate_on_the_validation_split_and_keeps_the_best(
     else:
         assert sel["validation"]["source"] == "synthetic"
     assert load_detector(res.bundle_dir, "cpu").predict([str(m.select(split="test").image_paths()[0])])
+
+
+def test_choose_prefers_aupro_among_image_auroc_ties():
+    from recontrast_core.selection import choose
+
+    c = {"patchknn": {"image_auroc": 0.9263, "aupro": 0.758}, "fused": {"image_auroc": 0.9260, "aupro": 0.826},
+         "recontrast": {"image_auroc": 0.8997, "aupro": 0.826}}
+    assert choose(c) == "fused"  # tied on image AUROC (0.0003 apart): AUPRO decides
+    assert choose(c, tie=0.0) == "patchknn"
+    assert choose({**c, "fused": {"image_auroc": 0.90, "aupro": 0.9}}) == "patchknn"  # not tied: AUROC decides
+    assert choose({"a": {"image_auroc": 0.9}, "b": {"image_auroc": 0.899}}) == "a"  # no AUPRO: AUROC
 
 
 def test_the_train_step_ranks_on_the_test_splits_validation_half(synth_set, tmp_path):
