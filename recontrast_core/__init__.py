@@ -6,6 +6,8 @@ The public API (loaded on first use, so ``import recontrast_core`` stays light):
 
     manifest = rc.read_dataset("path/to/mvtec_category")
     result = rc.train_model(manifest, rc.TrainConfig(iterations=200), "runs/tile")
+    # any model kind (auto: the best of ReContrast, patch-kNN, fused on the validation half)
+    fitted = rc.fit_detector(manifest, rc.ModelConfig(kind="auto"), rc.TrainConfig(iterations=200), "runs/auto")
     detector = rc.load_detector(result.bundle_dir)
     detector.predict(["new.png"])          # [{"score", "normalized_score", "decision"}]
     rc.evaluate_bundle(result.bundle_dir, manifest, baseline=rc.BaselineConfig())
@@ -26,6 +28,7 @@ _API = {
     "Detector": "recontrast_core.bundle",
     "train_model": "recontrast_core.train",
     "TrainResult": "recontrast_core.train",
+    "fit_detector": "recontrast_core.fit",
     "evaluate_bundle": "recontrast_core.evaluate",
     "predict_paths": "recontrast_core.predict",
     "read_dataset": "recontrast_core.data.layouts",
@@ -37,7 +40,7 @@ _API = {
     "UserError": "recontrast_core.errors",
     **{name: "recontrast_core.config" for name in (
         "PipelineConfig", "TrainConfig", "BackboneConfig", "InferenceConfig", "CalibrationConfig",
-        "BaselineConfig", "AdaptConfig", "CoftConfig", "DataConfig", "RegistryConfig", "TrackingConfig")},
+        "BaselineConfig", "ModelConfig", "PatchKnnConfig", "AdaptConfig", "CoftConfig", "DataConfig", "RegistryConfig", "TrackingConfig")},
 }
 
 __all__ = ["__version__", *_API]
