@@ -184,7 +184,13 @@ def _changed_value(key: str, cfg: PipelineConfig):
                "adapt.coft.anomaly_fraction": 0.25, "adapt.coft.momentum": 0.5, "adapt.momentum": 0.5,
                "adapt.coft.np_margin": 0.1, "baseline.fraction": 0.2, "inference.topk_fraction": 0.02,
                "calibration.target_fpr": 0.02, "train.alpha_warmup_fraction": 0.2, "train_backend": "trainjob",
-               "train.sync_batchnorm": False, "trainjob.cpu_per_node": "16", "trainjob.memory_per_node": "64Gi"}
+               "train.sync_batchnorm": False, "trainjob.cpu_per_node": "16", "trainjob.memory_per_node": "64Gi",
+               "model.kind": "patchknn", "model.patchknn.backbone": "tf_efficientnet_lite2",
+               "model.patchknn.input_stats": "imagenet", "model.patchknn.sampler": "random",
+               "model.patchknn.levels": [0, 2], "model.patchknn.image_size": 160, "model.fusion.q_lo": 0.8,
+               "model.fusion.q_hi": 0.99, "model.auto.backbones": ["tf_efficientnet_lite0"],
+               "model.auto.image_sizes": [128], "model.auto.input_stats": ["auto"], "model.auto.kinds": ["patchknn"],
+               "registry.baseline_rule": "flat"}
     if key in special:
         return special[key]
     if isinstance(node, bool):

@@ -398,7 +398,10 @@ def test_the_node_command_downloads_trains_on_two_processes_and_uploads(s3, tiny
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "s3://art/run/bundle"  # rank 0 alone answers
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="art", Prefix="run/bundle/")["Contents"]}
-    assert keys == {"run/bundle/bundle/bundle.json", "run/bundle/bundle/model.safetensors",
-                    "run/bundle/checkpoints/last.pt"}
+    # model.kind auto (the default): rank 0 also keeps the ReContrast candidate's bundle
+    candidate = {"run/bundle/candidates/recontrast/bundle.json",
+                 "run/bundle/candidates/recontrast/model.safetensors"}
+    assert keys - candidate == {"run/bundle/bundle/bundle.json", "run/bundle/bundle/model.safetensors",
+                                "run/bundle/checkpoints/last.pt"}, keys
     meta = json.loads(s3.get_object(Bucket="art", Key="run/bundle/bundle/bundle.json")["Body"].read())
     assert meta["training"]["iterations"] == 2 and meta["training"]["world_size"] == 2
