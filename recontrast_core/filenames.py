@@ -4,6 +4,9 @@ write them and by ``steps.artifacts`` (the artifact contract), without pulling i
 # model bundle (recontrast_core.bundle)
 BUNDLE_WEIGHTS_FILE = "model.safetensors"
 BUNDLE_META_FILE = "bundle.json"
+# model.kind auto / fused keep the ReContrast candidate's bundle here, beside bundle/
+# (recontrast_core.fit); it is never the train step's output bundle
+CANDIDATES_DIR = "candidates"
 # adapted encoder (recontrast_core.adapt)
 ENCODER_FILE = "encoder.safetensors"
 ENCODER_META_FILE = "encoder.json"

@@ -36,6 +36,7 @@ from .config import CalibrationConfig, InferenceConfig, ModelConfig, PatchKnnCon
 from .data.cache import batch_slices, load_resized
 from .data.manifest import Manifest, split_validation
 from .errors import UserError
+from .filenames import CANDIDATES_DIR
 from .models.fused import FusedScorer, fit_quantiles
 from .models.patchknn import fit_patchknn
 from .progress import track_steps
@@ -44,7 +45,6 @@ from .scoring import ScoringHead
 from .selection import SelectionSet, choose, rank_key, rank_metrics, split_test
 from .train import FEW_SHOT_CALIBRATION_VIEWS, train_model
 
-CANDIDATES_DIR = "candidates"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError, first_line
-from ..filenames import BUNDLE_META_FILE, BUNDLE_WEIGHTS_FILE
+from ..filenames import BUNDLE_META_FILE, BUNDLE_WEIGHTS_FILE, CANDIDATES_DIR
 
 _MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
@@ -55,7 +55,7 @@ def bundle_digest(bundle_dir: Path) -> str:
 def _find_bundle(root: Path, uri: str) -> Path:
     if (root / BUNDLE_META_FILE).is_file():
         return root
-    hits = sorted(root.rglob(BUNDLE_META_FILE))
+    hits = sorted(h for h in root.rglob(BUNDLE_META_FILE) if CANDIDATES_DIR not in h.relative_to(root).parts)
     if not hits:
         raise UserError(f"{uri}: no {BUNDLE_META_FILE} in the model's files")
     return hits[0].parent

@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Union
 
 from ..data.manifest import Manifest
 from ..errors import UserError
-from ..filenames import BUNDLE_META_FILE, ENCODER_FILE, ENCODER_META_FILE, METRICS_FILE, SCORES_FILE  # noqa: F401
+from ..filenames import BUNDLE_META_FILE, CANDIDATES_DIR, ENCODER_FILE, ENCODER_META_FILE, METRICS_FILE, SCORES_FILE  # noqa: F401
 from ..runtime import read_json
 
 PathLike = Union[str, os.PathLike]
@@ -80,11 +80,13 @@ def anchored_manifest(manifest: Manifest) -> Iterator[Path]:
 
 def find_bundle_dir(path: PathLike) -> Path:
     """The model bundle folder in ``path`` (itself, or the one folder below it holding
-    ``bundle.json``: KFP Model artifacts and train outputs nest it)."""
+    ``bundle.json``: KFP Model artifacts and train outputs nest it; the ``candidates/``
+    bundles that ``model.kind: auto`` keeps beside it do not count)."""
     p = Path(path)
     if (p / BUNDLE_META_FILE).is_file():
         return p
-    hits = sorted(p.rglob(BUNDLE_META_FILE)) if p.is_dir() else []
+    hits = sorted(h for h in p.rglob(BUNDLE_META_FILE) if CANDIDATES_DIR not in h.relative_to(p).parts) \
+        if p.is_dir() else []
     if len(hits) == 1:
         return hits[0].parent
     if not hits:

@@ -167,3 +167,18 @@ def test_the_train_step_ranks_on_the_test_splits_validation_half(synth_set, tmp_
     sel = json.loads((bundle / "bundle.json").read_text())["selection"]
     assert sel["validation"]["rule"] == "hash half"
     assert sel["validation"]["n_images"] == len(split_test(m).validation)
+
+
+def test_the_output_bundle_is_found_beside_the_kept_candidate(tmp_path):
+    """A train output holds bundle/ and candidates/recontrast/ (auto): the steps, the model
+    URIs and the KFP artifacts find bundle/, never the candidate."""
+    from recontrast_core.steps.artifacts import find_bundle_dir
+
+    for rel in ("bundle", "candidates/recontrast"):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "bundle.json").write_text("{}")
+    assert find_bundle_dir(tmp_path) == tmp_path / "bundle"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "bundle.json").write_text("{}")
+    with pytest.raises(UserError, match="several model bundles"):
+        find_bundle_dir(tmp_path)
