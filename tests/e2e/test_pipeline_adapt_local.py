@@ -56,6 +56,7 @@ def test_local_pipeline_adapts_with_every_setting(magnetic_tile_root: Path, tmp_
     assert {k: settings[k] for k in ADAPT} == ADAPT  # seed 3 is the adapt seed, not train's 7
     assert settings["image_size"] == 64  # the encoder the trainer uses
 
-    (bundle_json,) = (tmp_path / "runs" / "kfp-local").rglob("bundle.json")
+    (bundle_json,) = [p for p in (tmp_path / "runs" / "kfp-local").rglob("bundle.json")
+                      if "candidates" not in p.parts]  # auto keeps the ReContrast candidate beside it
     init = json.loads(bundle_json.read_text())["training"]["init_encoder"]
     assert Path(init) == meta_path.with_name("encoder.safetensors")  # training started from it

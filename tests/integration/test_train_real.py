@@ -104,7 +104,12 @@ def test_train_evaluate_predict_on_real_images(tiny_tile, tmp_path):
     m = payload["metrics"]
     for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image", "image_f1_max", "image_f1_threshold"):
         assert 0.0 <= m[key] <= (1.0 if key != "image_f1_threshold" else np.inf), key
-    assert payload["n_images"] == 10 and len(payload["per_image"]) == 10
+    from recontrast_core.selection import split_test
+
+    report = split_test(manifest).report  # the half that never chose a setting
+    assert payload["evaluation_split"]["rule"] == "hash half" and 0 < len(report) < 10
+    assert payload["n_images"] == len(report) and len(payload["per_image"]) == len(report)
+    assert {r["path"] for r in payload["per_image"]} == {e.path for e in report.entries}
     assert (tmp_path / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "scores.csv").is_file()
     rows = predict_paths(result.bundle_dir, [tiny_tile / "test"], tmp_path / "pred", progress=False)
     assert len(rows) == 10
