@@ -55,10 +55,15 @@ def register_champion(bundle: Path, name: str, client) -> str:
 
 def server_env(tracking_uri: str) -> dict[str, str]:
     """The environment of a server: this interpreter's bin first on PATH (``mlflow models
-    serve`` execs ``uvicorn``), the tracking URI, the CPU, one thread."""
+    serve`` execs ``uvicorn``), the tracking URI, the CPU, and as many threads as this test
+    process scores its references with: float sums split over another number of threads
+    round differently (a server on 1 thread against references on 2 differed by ~1e-6
+    relative, which the normalisation's slope made 4e-5: the "served != trained" failure)."""
+    import torch
+
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri, "RECONTRAST_DEVICE": "cpu",
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+            "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
 
 
 def http(method: str, url: str, payload: Optional[dict] = None, timeout: float = 120) -> tuple[int, dict | str]:

@@ -262,6 +262,8 @@ def test_local_kfp_run_of_the_batch_pipeline(tiny_bundle, tmp_path) -> None:
 def test_a_fused_bundle_batch_scores_like_its_detector(tiny_bundle, moto_s3, bucket_with_images) -> None:
     """Batch scoring is kind-agnostic: a fused bundle (ReContrast at 64 px inside a 96 px
     patch-kNN graph) scores S3 -> S3 exactly as its own Detector does on the same files."""
+    import torch
+
     from recontrast_core.bundle import load_detector
     from recontrast_core.config import ModelConfig
     from recontrast_core.data.layouts import read_mvtec
@@ -274,7 +276,8 @@ def test_a_fused_bundle_batch_scores_like_its_detector(tiny_bundle, moto_s3, buc
     s3 = moto_s3.client()
     r = subprocess.run([*CLI, "predict", "--model", str(fused), f"s3://{bucket}/incoming/", "--out",
                         f"s3://{bucket}/fused-results/", "--no-overlays", "--no-progress", "--json"],
-                       env=_env(moto_s3), capture_output=True, text=True, timeout=600)
+                       env=_env(moto_s3, OMP_NUM_THREADS=str(torch.get_num_threads())),  # as the reference
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 3, r.stderr  # the corrupt PNG
     table = {row["path"]: row for row in _table(s3, bucket, "fused-results/results.parquet").to_pylist()}
     assert sorted(table) == sorted(expected)
