@@ -58,7 +58,7 @@ MNIST_NORMAL_DIGIT = 1
 
 def find_demo_dataset(workdir: Optional[Path] = None) -> Optional[Path]:
     """The real development dataset if present (env, cwd-relative, repo-relative)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # the checkout (recontrast_core/cli/demo.py)
     candidates = []
     if os.environ.get("RECONTRAST_DEV_DATA"):
         candidates.append(Path(os.environ["RECONTRAST_DEV_DATA"]))
