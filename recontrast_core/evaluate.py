@@ -224,10 +224,8 @@ def baseline_metrics(detector: Detector, manifest: Manifest, test_images, labels
     now); without, the detector's own frozen encoder at its resolution."""
     import time
 
-    import torch
-
     from .baseline import PatchBaseline
-    from .fit import run_grid, score_images
+    from .fit import ImagesBySize, run_grid, score_images
     from .models.patchknn import fit_patchknn
     from .selection import SelectionSet
 
@@ -240,32 +238,26 @@ def baseline_metrics(detector: Detector, manifest: Manifest, test_images, labels
     setting: dict = {"rule": "patch-kNN on the detector's frozen encoder at its resolution"}
     if cfg.grid:
         dev = detector.device
+        blur_only = InferenceConfig(gaussian_sigma=cfg.gaussian_sigma)
         recorded = (detector.meta.get("selection") or {}).get("best_training_free")
         if recorded:
             pk = PatchKnnConfig.model_validate(recorded)
             setting = {"rule": "the bundle's selection: strongest training-free grid setting on its validation split"}
         else:
             fit, held = split_validation(train, CalibrationConfig().validation_fraction, 0)
-            cache: dict[int, torch.Tensor] = {}
-
-            def fit_images(size: int):
-                if size not in cache:
-                    cache[size] = load_resized(fit, size, with_masks=False).images
-                return cache[size]
-
             model = model_settings or ModelConfig()
-            pk, grid, _ = run_grid(model, fit_images, SelectionSet(halves, held if len(held) else fit), InferenceConfig(
-                gaussian_sigma=cfg.gaussian_sigma), dev, progress=progress)
+            pk, grid, _ = run_grid(model, ImagesBySize(fit, None, False).at, SelectionSet(halves, held if len(held) else fit),
+                                   blur_only, dev, progress=progress)
             setting = {"rule": "strongest training-free grid setting on the validation split", "grid": grid}
         setting["patchknn"] = pk.model_dump(mode="json")
         train_images = load_resized(train, pk.image_size, with_masks=False, progress=progress).images
         scorer = fit_patchknn(train_images, pk, dev)
         bank_size = scorer.bank_size
         imgs, msk, _ = load_resized(halves.report, pk.image_size, with_masks=masks is not None)
-        maps, scores = score_images(scorer, InferenceConfig(gaussian_sigma=cfg.gaussian_sigma), imgs, dev)
+        maps, scores = score_images(scorer, blur_only, imgs, dev)
         masks = msk if masks is not None else None
         test_images = imgs
-        score_fn = lambda x: score_images(scorer, InferenceConfig(gaussian_sigma=cfg.gaussian_sigma), x, dev)[1]  # noqa: E731
+        score_fn = lambda x: score_images(scorer, blur_only, x, dev)[1]  # noqa: E731
     else:
         train_images, _, _ = load_resized(train, detector.image_size, with_masks=False, progress=progress)
         # the detector's frozen ReContrast encoder; a patch-kNN bundle's own encoder

@@ -90,7 +90,7 @@ def shot_views(images: torch.Tensor, views: int, seed: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-class _Images:
+class ImagesBySize:
     """Resized images of a manifest part, loaded once per size."""
 
     def __init__(self, rows: Manifest, cache_dir, progress: bool):
@@ -107,7 +107,7 @@ class _CalibrationImages:
     """What thresholds and fusion quantiles are fitted on: the held-out normals, or (few-shot,
     nothing held out) augmented views of the shots."""
 
-    def __init__(self, held: _Images, shots: _Images, use_views: bool, seed: int):
+    def __init__(self, held: "ImagesBySize", shots: "ImagesBySize", use_views: bool, seed: int):
         self.held, self.shots, self.use_views, self.seed = held, shots, use_views, seed
 
     def at(self, size: int) -> torch.Tensor:
@@ -212,12 +212,13 @@ def fit_detector(
         return FitResult(out_dir / "bundle", kind)
 
     device = resolve_device(cfg.device)
-    fit_images = _Images(fit, cache_dir, progress)
-    calib_images = _CalibrationImages(_Images(held, cache_dir, progress), fit_images,
+    fit_images = ImagesBySize(fit, cache_dir, progress)
+    calib_images = _CalibrationImages(ImagesBySize(held, cache_dir, progress), fit_images,
                                       use_views=few_shot or len(held) == 0, seed=cfg.seed)
     if init_encoder and kind != "recontrast":
         log("the patch-kNN bank uses the backbone's ImageNet weights; the adapted encoder is ReContrast's")
-    rc_scorer = load_detector(trained.bundle_dir, str(device)).scorer if trained is not None else None
+    candidate = load_detector(trained.bundle_dir, str(device)) if trained is not None else None
+    rc_scorer = candidate.scorer if candidate is not None else None
     selection = None
     if kind == "auto":
         halves = split_test(manifest)
@@ -270,9 +271,8 @@ def fit_detector(
 
     calib = calibrate(scorer, inference, calib_images.at(scorer.image_size), calibration, device)
     train_summary = {}
-    if trained is not None:
-        meta = load_detector(trained.bundle_dir, "cpu").meta
-        train_summary = dict(meta.get("training") or {})
+    if candidate is not None:  # the ReContrast run's own summary (loss history, speed)
+        train_summary = dict(candidate.meta.get("training") or {})
     train_summary.update({
         "model_kind": chosen,
         "n_train_images": len(fit),
@@ -301,8 +301,8 @@ def fuse_existing(recontrast_bundle: Path, manifest: Manifest, model: ModelConfi
         raise UserError(f"{recontrast_bundle}: a {det.kind} bundle; fusing needs a recontrast bundle")
     normal_train = manifest.select(split="train", label=0)
     fit, held = split_validation(normal_train, calibration.validation_fraction, det.config.seed)
-    fit_images = _Images(fit, None, progress)
-    calib_images = _CalibrationImages(_Images(held, None, progress), fit_images, use_views=len(held) == 0,
+    fit_images = ImagesBySize(fit, None, progress)
+    calib_images = _CalibrationImages(ImagesBySize(held, None, progress), fit_images, use_views=len(held) == 0,
                                       seed=det.config.seed)
     pk = fit_patchknn(fit_images.at(model.patchknn.image_size), model.patchknn, det.device, progress=progress)
     scorer = FusedScorer(det.scorer, pk, model.fusion).to(det.device)
