@@ -94,8 +94,10 @@ def main(argv=None) -> int:
                        inference=settings.inference, progress=False, log=lambda s: print(s, flush=True))
     rec["auto_wall_s"] = round(time.perf_counter() - t0, 1)
     sel = res.selection
-    rec.update(chosen=res.kind, selection={k: sel[k] for k in ("candidates", "grid", "validation", "wall_time_s",
-                                                                 "best_training_free")})
+    rec.update(chosen=res.kind, selection={k: sel.get(k) for k in ("candidates", "grid", "validation", "wall_time_s",
+                                                                     "best_training_free", "fused_image_score")})
+    source = (sel.get("fused_image_score") or {}).get("chosen", "fused") if res.kind == "fused" else "fused"
+    label = res.kind if source == "fused" else f"fused (image score: {source})"
     print(f"auto: {rec['auto_wall_s']} s, chosen {res.kind}", flush=True)
     t0 = time.perf_counter()
     payload = evaluate_bundle(res.bundle_dir, manifest, progress=False, baseline=settings.baseline,
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     rec["eval_wall_s"] = round(time.perf_counter() - t0, 1)
     keep = ("image_auroc", "pixel_auroc", "aupro", "recall_at_threshold", "fpr_at_threshold",
             "precision_at_threshold", "recall_at_target_fpr")
-    rec["report"] = {res.kind: {k: payload["metrics"][k] for k in keep if k in payload["metrics"]}}
+    rec["report"] = {label: {k: payload["metrics"][k] for k in keep if k in payload["metrics"]}}
     rec["baseline"] = {k[len("baseline_"):]: v for k, v in payload["metrics"].items() if k.startswith("baseline_")}
     rec["evaluation_split"] = payload["evaluation_split"]
     print(json.dumps({"report": rec["report"], "baseline": rec["baseline"]}), flush=True)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         others["patchknn"] = fit_detector(manifest, ModelConfig(kind="patchknn", patchknn=best), settings.train,
                                           out / "patchknn", calibration=settings.calibration,
                                           inference=settings.inference, progress=False).bundle_dir
-    if res.kind != "fused" and "recontrast" in others:
+    if label != "fused" and "recontrast" in others:  # the fused map's own image score, for the record
         others["fused"] = fuse_existing(others["recontrast"], manifest, ModelConfig(kind="fused", patchknn=best),
                                         out / "fused", calibration=settings.calibration)
     for kind, bundle in others.items():

@@ -156,6 +156,10 @@ class FusionConfig(_Strict):
 
     q_lo: float = Field(0.9, ge=0, lt=1)
     q_hi: float = Field(0.995, gt=0, le=1)
+    # Where the image score comes from: the top of the fused map (EfficientAD), or one branch's
+    # normalised map (the anomaly map stays fused, for localisation). ``auto`` picks it on the
+    # validation split: patch-kNN often ranks images better while the fused map localises better.
+    image_score: Literal["fused", "patchknn", "recontrast"] = "fused"
 
 
 class AutoConfig(_Strict):

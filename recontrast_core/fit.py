@@ -37,6 +37,7 @@ from .data.cache import batch_slices, load_resized
 from .data.manifest import Manifest, split_validation
 from .errors import UserError
 from .filenames import CANDIDATES_DIR
+from .inference import image_scores
 from .models.fused import FusedScorer, fit_quantiles
 from .models.patchknn import fit_patchknn
 from .progress import track_steps
@@ -71,6 +72,36 @@ def score_images(scorer: torch.nn.Module, inference: InferenceConfig, images: to
             maps.append(m.float().cpu())
             scores.append(s.float().cpu())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+
+
+IMAGE_SOURCES = ("fused", "patchknn", "recontrast")  # fusion.image_score's values, preferred first on a tie
+
+
+def fused_source_scores(fused: FusedScorer, inference: InferenceConfig, images: torch.Tensor, device: torch.device,
+                        batch_size: int = 8) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(blurred fused maps, image scores per ``fusion.image_score`` source) in one pass: the
+    blur is linear, so the fused map's blur is the sum of the branches' blurs."""
+    head = ScoringHead(fused, inference).to(device).eval()
+    maps, scores = [], {k: [] for k in IMAGE_SOURCES}
+    with torch.inference_mode():
+        for sl in batch_slices(images.shape[0], batch_size):
+            r, p = fused.normalised_maps(images[sl].to(device))
+            br, bp = head.blur(r.float()), head.blur(p.float())
+            m = br + bp
+            maps.append(m.cpu())
+            for src, sm in (("fused", m), ("patchknn", bp), ("recontrast", br)):
+                scores[src].append(image_scores(sm, inference).float().cpu())
+    return torch.cat(maps).numpy(), {k: torch.cat(v).numpy() for k, v in scores.items()}
+
+
+def choose_image_source(labels: np.ndarray, by_source: dict[str, np.ndarray]) -> tuple[str, dict[str, float]]:
+    """The ``fusion.image_score`` with the highest validation image AUROC (the map, hence
+    AUPRO, is the same for all), and every source's AUROC."""
+    from .metrics import image_auroc
+
+    aurocs = {src: round(float(image_auroc(labels, by_source[src])), 6) for src in IMAGE_SOURCES}
+    best = max(aurocs.values())
+    return next(src for src in IMAGE_SOURCES if aurocs[src] >= best), aurocs
 
 
 def shot_views(images: torch.Tensor, views: int, seed: int) -> torch.Tensor:
@@ -240,11 +271,19 @@ def fit_detector(
             fused = FusedScorer(rc_scorer, pk_scorer, model.fusion).to(device)
             fit_quantiles(fused, calib_images.at(fused.image_size))
             scorers["fused"] = fused
+        image_sources = None
         for name, scorer in scorers.items():
             if name not in model.auto.kinds:
                 continue
             images, labels, masks = sel.at(scorer.image_size)
-            maps, scores = score_images(scorer, inference, images, device)
+            if name == "fused":  # its image score's source is chosen here too
+                maps, by_source = fused_source_scores(scorer, inference, images, device)
+                source, image_sources = choose_image_source(labels, by_source)
+                scorer.fusion = scorer.fusion.model_copy(update={"image_score": source})
+                scores = by_source[source]
+                log(f"fused image score from {source}: " + ", ".join(f"{k} {v:.4f}" for k, v in image_sources.items()))
+            else:
+                maps, scores = score_images(scorer, inference, images, device)
             candidates[name] = rank_metrics(labels, scores, masks, maps)
             log(f"candidate {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in candidates[name].items()))
         chosen = choose(candidates, model.auto.tie)
@@ -254,6 +293,8 @@ def fit_detector(
             "chosen": chosen, "rule": f"image_auroc (within {model.auto.tie:g} a tie), then aupro, on the validation split",
             "validation": {**sel.describe(), **halves.describe()},
             "candidates": candidates, "grid": grid, "grid_fraction": model.auto.grid_fraction,
+            "fused_image_score": ({"chosen": scorers["fused"].fusion.image_score, "image_auroc": image_sources}
+                                  if image_sources else None),
             "best_training_free": best_pk.model_dump(mode="json"),
             "wall_time_s": {"recontrast": round(recontrast_s, 2) if trained else 0.0, "grid": round(grid_s, 2),
                             "candidates": round(time.perf_counter() - t0, 2)},

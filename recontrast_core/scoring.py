@@ -1,6 +1,7 @@
 """The one scoring head: what torch inference runs and what the export traces.
 
-Any model kind's scorer (:mod:`recontrast_core.models.kinds`: images 0..255 -> raw map) ->
+Any model kind's scorer (:mod:`recontrast_core.models.kinds`: images 0..255 -> raw map, or
+(raw map, the raw map the image score is taken from)) ->
 Gaussian blur (the bundle's sigma, truncate 4, scipy ``reflect`` edges, as a fixed index
 gather and two fixed 1-D convolutions: exportable) -> image score (max, or the mean of the
 top-k, k fixed by the size) -> the calibration's piecewise-linear normalisation and the
@@ -96,8 +97,12 @@ class ScoringHead(nn.Module):
         self.calibration = CalibrationMap(calibration) if calibration is not None else None
 
     def maps_and_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.blur(self.scorer(images).float())
-        return maps, image_scores(maps, self.inference)
+        out = self.scorer(images)
+        # a scorer returns its map, or (map, the map its image score comes from): the fused kind
+        amap, score_map = out if isinstance(out, tuple) else (out, None)
+        maps = self.blur(amap.float())
+        score_maps = maps if score_map is None else self.blur(score_map.float())
+        return maps, image_scores(score_maps, self.inference)
 
     def forward(self, images: torch.Tensor):
         maps, score = self.maps_and_scores(images)

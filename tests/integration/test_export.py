@@ -187,19 +187,24 @@ def test_cli_export_and_its_errors(tiny_tile, tmp_path, monkeypatch):
     one_error_line([str(bundle), "--format", "openvino", "--out", str(tmp_path / "y")], "recontrast[export]")
 
 
-@pytest.mark.parametrize("kind,knn_size", [("patchknn", 64), ("fused", 96)])
-def test_every_model_kind_exports_faithfully(tiny_tile, tmp_path, kind, knn_size):
+@pytest.mark.parametrize("kind,knn_size,image_score", [("patchknn", 64, "fused"), ("fused", 96, "fused"),
+                                                      ("fused", 96, "patchknn")])
+def test_every_model_kind_exports_faithfully(tiny_tile, tmp_path, kind, knn_size, image_score):
     """patch-kNN (the bank and its exact nearest-neighbour search inside the graph) and the
     fused kind (ReContrast at 64 px inside a 96 px graph: the resize matrices, both maps, the
-    quantile normalisation) score the same in torch, onnxruntime and OpenVINO."""
+    quantile normalisation; the image score from the fused map or from one branch's map)
+    score the same in torch, onnxruntime and OpenVINO."""
     from recontrast_core.config import ModelConfig
     from recontrast_core.fit import fit_detector
 
-    model = ModelConfig(kind=kind, patchknn={"image_size": knn_size, "fraction": 0.25})
+    model = ModelConfig(kind=kind, patchknn={"image_size": knn_size, "fraction": 0.25},
+                        fusion={"image_score": image_score})
     cfg = TrainConfig(backbone=BackboneConfig(name="tf_efficientnet_lite0"), **SMALL)
     bundle = fit_detector(read_mvtec(tiny_tile), model, cfg, tmp_path / "run", progress=False).bundle_dir
     det, onnx_path, _ = _export_and_compare(bundle, tmp_path, _test_images(tiny_tile), kind)
     assert det.kind == kind and det.image_size == knn_size
+    if kind == "fused":
+        assert det.scorer.fusion.image_score == image_score  # round-tripped through bundle.json
     onnx = pytest.importorskip("onnx")
     props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     assert props["model_kind"] == kind and json.loads(props["image_size"]) == knn_size

@@ -80,6 +80,47 @@ def test_fused_quantiles_map_normal_q_lo_to_0_and_q_hi_to_a_tenth():
     assert np.quantile(out.numpy(), 0.995) == pytest.approx(0.2, abs=0.02)
 
 
+def test_fused_image_score_can_come_from_one_branch_while_the_map_stays_fused():
+    from recontrast_core.config import FusionConfig, InferenceConfig
+    from recontrast_core.fit import choose_image_source, fused_source_scores
+    from recontrast_core.inference import image_scores
+    from recontrast_core.scoring import ScoringHead
+
+    class Channel(torch.nn.Module):  # a branch whose map is one colour channel, scaled
+        def __init__(self, c, scale, size):
+            super().__init__()
+            self.c, self.scale, self.image_size = c, scale, size
+
+        def forward(self, x):
+            return x[:, self.c].float() * self.scale
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
+    inference = InferenceConfig(gaussian_sigma=2.0)
+    heads = {}
+    for source in ("fused", "patchknn", "recontrast"):
+        fused = FusedScorer(Channel(0, 1.0, 32), Channel(1, 3.0, 32), FusionConfig(image_score=source))
+        fit_quantiles(fused, images)
+        heads[source] = ScoringHead(fused, inference).eval()
+    with torch.no_grad():
+        out = {k: h.maps_and_scores(images) for k, h in heads.items()}
+        _, p = heads["fused"].scorer.normalised_maps(images)
+        knn_alone = image_scores(heads["fused"].blur(p), inference)
+    for k in ("patchknn", "recontrast"):  # the map is the fused one whatever the score's source
+        assert torch.equal(out[k][0], out["fused"][0])
+    assert torch.allclose(out["patchknn"][1], knn_alone)
+    assert not torch.allclose(out["patchknn"][1], out["fused"][1])
+    # the one-pass variant scores agree with the heads, source by source
+    maps, by_source = fused_source_scores(heads["fused"].scorer, inference, images, torch.device("cpu"))
+    assert np.allclose(maps, out["fused"][0].numpy(), atol=1e-5)
+    for k in by_source:
+        assert np.allclose(by_source[k], out[k][1].numpy(), atol=1e-5)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    chosen, aurocs = choose_image_source(labels, {"fused": np.arange(8.0), "patchknn": np.arange(8.0),
+                                                  "recontrast": -np.arange(8.0)})
+    assert chosen == "fused" and aurocs["recontrast"] == 0.0  # a tie keeps the fused map's score
+
+
 @pytest.mark.parametrize("kind", ["patchknn", "fused"])
 def test_every_kind_round_trips_through_its_bundle(synth_set, tmp_path, kind):
     m = read_mvtec(synth_set)
@@ -127,7 +168,12 @@ def test_auto_scores_every_candidate_on_the_validation_split_and_keeps_the_best(
     from recontrast_core.selection import choose
 
     assert sel["chosen"] == choose(sel["candidates"], auto.tie) and res.kind == sel["chosen"]
+    fis = sel["fused_image_score"]  # the fused candidate's image-score source, chosen on validation too
+    assert fis["image_auroc"][fis["chosen"]] == max(fis["image_auroc"].values())
+    assert sel["candidates"]["fused"]["image_auroc"] == fis["image_auroc"][fis["chosen"]]
     meta = json.loads((res.bundle_dir / "bundle.json").read_text())
+    if res.kind == "fused":
+        assert meta["fusion"]["image_score"] == fis["chosen"]
     assert meta["model_kind"] == sel["chosen"] and meta["selection"]["chosen"] == sel["chosen"]
     halves = split_test(m)
     if halves.rule == "hash half":  # ranked on the validation half only

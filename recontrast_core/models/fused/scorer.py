@@ -8,6 +8,10 @@ input size ``S`` is the larger one; a branch at a smaller size gets the image do
 inside the graph by fixed resize matrices (bilinear with antialiasing, the weights of
 ``torch.nn.functional.interpolate(..., antialias=True)``; two matrix products, exportable),
 and its map is upsampled (bilinear) back to ``S``.
+
+The image score comes from the fused map unless ``fusion.image_score`` names a branch: then
+the scorer returns ``(fused map, that branch's normalised map)`` and the scoring head takes the
+image score from the second (blurred the same way), the anomaly map from the first.
 """
 
 from __future__ import annotations
@@ -70,12 +74,20 @@ class FusedScorer(nn.Module):
             maps.append(m.float())
         return maps[0], maps[1]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalised_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two maps at ``S``, each mapped q_lo -> 0, q_hi -> ``SPAN``."""
         r, p = self.branch_maps(images)
         q = self.quantiles
         r = (r - q[0, 0]) * (SPAN / (q[0, 1] - q[0, 0]))
         p = (p - q[1, 0]) * (SPAN / (q[1, 1] - q[1, 0]))
-        return r + p
+        return r, p
+
+    def forward(self, images: torch.Tensor):
+        r, p = self.normalised_maps(images)
+        source = self.fusion.image_score
+        if source == "fused":
+            return r + p
+        return r + p, (p if source == "patchknn" else r)
 
     def bundle_state(self) -> dict[str, torch.Tensor]:
         state = {f"recontrast.{k}": v for k, v in self.recontrast.bundle_state().items()}
