@@ -1,18 +1,27 @@
-"""The pipeline steps: ingest -> adapt -> train -> evaluate -> register.
+"""The pipeline steps: ingest -> adapt -> train -> evaluate -> register (+ the KFP-only
+``train_job`` and ``batch_score``).
 
-One module per step, one plain function each; the CLI (``recontrast train | evaluate |
-adapt | pipeline``), the KFP components (``components/``) and the DVC stages
-(``python -m recontrast_core.steps``) all call these same functions, with the settings
-as one :class:`~recontrast_core.config.PipelineConfig` (:mod:`.settings`). Steps talk
-only through files (:mod:`.artifacts`, docs/contracts.md).
+One module per step: a plain function and its record (:mod:`.records`: inputs, outputs,
+the settings sections it reads, the CLI and KFP adapters). The CLI (``recontrast train |
+evaluate | adapt | pipeline``), the KFP components (``components/``, generated from the
+records) and the DVC stages (``python -m recontrast_core.steps``, ``dvc.yaml`` generated
+from the records) all call these same functions, with the settings as one
+:class:`~recontrast_core.config.PipelineConfig` (:mod:`.settings`). Steps talk only
+through files (:mod:`.artifacts`, docs/contracts.md).
+
+The imports below register the records; their order is the DVC stage order.
 """
 
-from .adapt import adapt, skip_adapt
-from .evaluate import evaluate
 from .ingest import ingest
-from .register import register
+from .adapt import adapt, skip_adapt
 from .train import train
+from .train_job import run_train_job
+from .evaluate import evaluate
+from .register import register
+from .batch_score import run_batch_scoring
+from .records import dvc_steps, get_step, run_component, step_records
 
-STEPS = ("ingest", "adapt", "train", "evaluate", "register")
+STEPS = dvc_steps()  # the DVC stages: ("ingest", "adapt", "train", "evaluate", "register")
 
-__all__ = ["STEPS", "ingest", "adapt", "skip_adapt", "train", "evaluate", "register"]
+__all__ = ["STEPS", "ingest", "adapt", "skip_adapt", "train", "evaluate", "register", "run_train_job",
+           "run_batch_scoring", "get_step", "run_component", "step_records"]

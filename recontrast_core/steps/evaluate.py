@@ -15,6 +15,7 @@ from ..plots import overlay_grid, plot_roc_pr
 from ..runtime import atomic_write_json, ensure_output_dir
 from .artifacts import (METRICS_FILE, METRICS_SUMMARY_FILE, PLOTS_DIR, PathLike, find_bundle_dir, load_manifest,
                         select_shots)
+from .records import DvcStage, Port, StepRecord, component_run_id, register_step
 from .tracked import log_artifacts, step_tracking
 
 
@@ -66,3 +67,48 @@ def evaluate(
             mlflow_tracking.log_evaluation(payload, run_id, plots_dir=out / PLOTS_DIR)
             log_artifacts(run_id, out / "scores.csv", "evaluation", settings.tracking)
     return out / METRICS_FILE
+
+
+# ----------------------------------------------------------------------------- its record
+SUMMARY_OUT = "artifacts/evaluate_metrics.json"  # the scalars again, for `dvc metrics show`
+
+
+def _cli(args, settings: PipelineConfig, progress: bool, pipeline_run_id: Optional[str]) -> Path:
+    import shutil
+
+    result = evaluate(args.bundle, args.manifest, args.out, settings, pipeline_run_id=pipeline_run_id,
+                      progress=progress)
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(args.out) / METRICS_SUMMARY_FILE, args.summary)
+    return result
+
+
+def _component(v: dict) -> tuple:
+    import math
+
+    from ..runtime import read_json
+
+    report, metrics = v["report"], v["metrics"]
+    path = evaluate(v["bundle"].path, v["dataset"].path, report.path, PipelineConfig.model_validate(v["settings"]),
+                    pipeline_run_id=component_run_id(v), progress=False)
+    payload = read_json(path)
+    scalars = {k: float(x) for k, x in payload["metrics"].items()
+               if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)}
+    for key, value in scalars.items():
+        metrics.log_metric(key, value)
+    report.metadata["dataset_fingerprint"] = payload.get("dataset_fingerprint") or ""
+    return scalars.get("image_auroc", float("nan")), scalars.get("pixel_auroc", float("nan"))
+
+
+RECORD = register_step(StepRecord(
+    name="evaluate",
+    summary="``report``: folder with metrics.json (+ scores.csv, plots/); ``metrics``: the scalars.",
+    run=evaluate, sections=("baseline", "model", "shots", "calibration", "train.device", "tracking"),
+    cli=_cli, component=_component,
+    inputs=(Port("bundle", "Model", flag="bundle", dvc_path="artifacts/train"),
+            Port("dataset", "Dataset", flag="manifest", dvc_path="artifacts/ingest")),
+    outputs=(Port("report", "Artifact"), Port("metrics", "Metrics")),
+    returns=(("image_auroc", float), ("pixel_auroc", float)),
+    dvc=DvcStage(out="artifacts/evaluate", extra_args=f"--summary {SUMMARY_OUT}", metrics=(SUMMARY_OUT,)),
+))

@@ -15,6 +15,7 @@ from ..data.validate import validate_manifest
 from ..mlops.storage import download_s3_prefix, fetch_dvc_path, redacted_uri
 from ..runtime import atomic_write_json, ensure_output_dir
 from .artifacts import DATA_DIR, INGEST_FILE, MANIFEST_FILE, PathLike
+from .records import DvcStage, Port, StepRecord, register_step, component_run_id
 from .tracked import log_artifacts, step_tracking
 
 
@@ -139,3 +140,32 @@ def ingest(
             log_artifacts(run_id, out / INGEST_FILE, "ingest", tracking)
             log_artifacts(run_id, out / DATASET_CARD_FILE, "ingest", tracking)
     return mpath
+
+
+# ----------------------------------------------------------------------------- its record
+def _cli(args, settings: PipelineConfig, progress: bool, pipeline_run_id: Optional[str]) -> Path:
+    return ingest(args.out, settings, pipeline_run_id=pipeline_run_id, progress=progress)
+
+
+def _component(v: dict) -> tuple:
+    from ..runtime import read_json
+    from .settings import with_run_values
+
+    dataset = v["dataset"]
+    ingest(dataset.path, with_run_values(v["settings"], source=v["source"]), pipeline_run_id=component_run_id(v))
+    info = read_json(Path(dataset.path) / INGEST_FILE)
+    dataset.metadata.update({"fingerprint": info["fingerprint"], "dvc_commit": info["dvc_commit"] or "",
+                             **info["counts"]})
+    return info["fingerprint"], int(info["counts"]["n_images"])
+
+
+RECORD = register_step(StepRecord(
+    name="ingest",
+    summary="Writes manifest.json, ingest.json (and data/ for remote sources) into ``dataset``. "
+            "``settings``: the whole PipelineConfig (JSON); ``source`` overrides data.source.",
+    run=ingest, sections=("data", "tracking"), cli=_cli, component=_component,
+    outputs=(Port("dataset", "Dataset"),),
+    run_values=(("source", str),),
+    returns=(("fingerprint", str), ("n_images", int)),
+    dvc=DvcStage(out="artifacts/ingest", extra_args="--no-progress", data=("${data.source}",)),
+))

@@ -16,7 +16,8 @@ from ..mlops import registry
 from ..mlops import tracking as mlflow_tracking
 from ..promotion import Decision
 from ..runtime import atomic_write_json, read_json
-from .artifacts import PathLike, bundle_run_id, find_bundle_dir, load_manifest
+from .artifacts import METRICS_FILE, PathLike, bundle_run_id, find_bundle_dir, load_manifest
+from .records import DvcStage, Port, StepRecord, component_run_id, register_step
 from .tracked import step_tracking
 
 ENV_PIPELINE_RUN_ID = "RECONTRAST_PIPELINE_RUN_ID"
@@ -73,7 +74,7 @@ def register(
         existing = registry.find_version_for_pipeline_run(client, name, pid)
         model_uri = existing.source if existing is not None else None
         if existing is None:
-            from ..mlops.pyfunc_model import log_pyfunc
+            from ..mlops.serving.pyfunc_model import log_pyfunc
 
             model_uri = log_pyfunc(bundle, name="model", run_id=run_id, device=device).model_uri
         kind = str((read_json(bundle / "bundle.json") or {}).get("model_kind", "recontrast"))
@@ -111,3 +112,42 @@ def register(
     if out_path is not None:
         atomic_write_json(Path(out_path), result)
     return result
+
+
+# ----------------------------------------------------------------------------- its record
+def metrics_file(report: PathLike) -> Path:
+    """``metrics.json`` of an evaluate output folder (or the file itself)."""
+    p = Path(report)
+    return p / METRICS_FILE if p.is_dir() else p
+
+
+def _cli(args, settings: PipelineConfig, progress: bool, pipeline_run_id: Optional[str]) -> dict:
+    return register(args.bundle, metrics_file(args.report), settings, manifest=args.manifest,
+                    out_path=args.out, pipeline_run_id=pipeline_run_id)
+
+
+def _component(v: dict) -> tuple:
+    import json
+
+    from .settings import with_run_values
+
+    result = register(v["bundle"].path, metrics_file(v["report"].path),
+                      with_run_values(v["settings"], model_name=v["model_name"]),
+                      manifest=v["dataset"].path, pipeline_run_id=component_run_id(v))
+    return (bool(result["promoted"]), str(result["version"]), str(result["decision"]),
+            str(result["champion"] or ""), json.dumps(result, default=str))
+
+
+RECORD = register_step(StepRecord(
+    name="register",
+    summary="The promotion decision as outputs; ``result`` is the full decision JSON. The rule is "
+            "settings.registry (model_name overrides its model name).",
+    run=register, sections=("registry", "train.device", "tracking"),
+    cli=_cli, component=_component,
+    inputs=(Port("bundle", "Model", flag="bundle", dvc_path="artifacts/train"),
+            Port("report", "Artifact", flag="report", dvc_path="artifacts/evaluate"),
+            Port("dataset", "Dataset", flag="manifest", dvc_path="artifacts/ingest")),
+    run_values=(("model_name", str),),
+    returns=(("promoted", bool), ("version", str), ("decision", str), ("champion", str), ("result", str)),
+    dvc=DvcStage(out="artifacts/register.json", cached=False),
+))

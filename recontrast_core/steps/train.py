@@ -11,8 +11,10 @@ from ..data.manifest import Manifest
 from ..distributed import is_main_process
 from ..runtime import ensure_output_dir
 from ..fit import fit_detector
-from .artifacts import with_local_weights, PathLike, find_encoder, load_manifest, select_shots
+from .artifacts import PathLike, bundle_metadata, find_encoder, load_manifest, select_shots, with_local_weights
+from .records import DvcStage, Port, StepRecord, component_run_id, register_step
 from .tracked import log_artifacts, step_tracking
+from .train_job import is_remote, train_from_s3
 
 
 def train(
@@ -59,3 +61,35 @@ def train(
             mlflow_tracking.log_selection(result.kind, result.selection, run_id)
             log_artifacts(run_id, Path(result.bundle_dir) / "bundle.json", "train", settings.tracking)
     return Path(result.bundle_dir)
+
+
+# ----------------------------------------------------------------------------- its record
+def _cli(args, settings: PipelineConfig, progress: bool, pipeline_run_id: Optional[str]):
+    if is_remote(args.manifest, args.out, args.encoder):  # a TrainJob's process: S3 in and out
+        return train_from_s3(train, args.manifest, args.out, settings, encoder_uri=args.encoder,
+                             pipeline_run_id=pipeline_run_id, progress=progress)
+    return train(args.manifest, args.out, settings, init_encoder=args.encoder, pipeline_run_id=pipeline_run_id,
+                 progress=progress)
+
+
+def _component(v: dict) -> None:
+    from .settings import with_run_values
+
+    bundle, encoder = v["bundle"], v.get("init_encoder")
+    cfg = with_run_values(v["settings"], shots=v["shots"])
+    bundle_dir = train(v["dataset"].path, bundle.path, cfg, init_encoder=encoder.path if encoder else None,
+                       pipeline_run_id=component_run_id(v), progress=False)
+    bundle.metadata.update(bundle_metadata(cfg, bundle_dir, bundle.path, adapted=encoder is not None))
+
+
+RECORD = register_step(StepRecord(
+    name="train",
+    summary="Writes the model bundle into ``bundle``; ``init_encoder``: the adapt output, if any.",
+    run=train, sections=("shots", "model", "train", "inference", "calibration", "tracking"),
+    cli=_cli, component=_component,
+    inputs=(Port("dataset", "Dataset", flag="manifest", dvc_path="artifacts/ingest"),
+            Port("init_encoder", "Artifact", flag="encoder", dvc_path="artifacts/adapt", optional=True)),
+    outputs=(Port("bundle", "Model"),),
+    run_values=(("shots", int),),
+    dvc=DvcStage(out="artifacts/train"),
+))

@@ -8,7 +8,11 @@ travel as S3 objects (the KFP artifacts' own URIs):
   into the pod's output folder (KFP then records it as the ``bundle`` artifact);
 * :func:`train_from_s3`, in each process of the TrainJob (``python -m recontrast_core.steps
   train --out s3://...`` under torchrun): each node's first process downloads the dataset
-  (and encoder), every process trains (:func:`.train.train`), rank 0 uploads the output.
+  (and encoder), every process trains (the train step, passed in by its record: this
+  module sits below :mod:`.train`), rank 0 uploads the output.
+
+Its record (``train_job``) is the KFP component ``train_job_op``; it is no DVC stage (DVC
+runs the train stage on one machine, or under torchrun).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from typing import Callable, Optional
 
 from ..config import PipelineConfig
 from ..distributed import barrier, setup, teardown
-from .artifacts import PathLike, find_bundle_dir
-from .train import train
+from .artifacts import PathLike, bundle_metadata, find_bundle_dir
+from .records import Port, StepRecord, component_run_id, register_step
 
 WORK_DIR_ENV = "RECONTRAST_WORK_DIR"  # a node-local folder for the staged inputs and output
 
@@ -51,8 +55,8 @@ def _download(uri: str, dest: Path) -> Path:
     return dest
 
 
-def train_from_s3(manifest_uri: str, out_uri: str, settings: PipelineConfig, *, encoder_uri: Optional[str] = None,
-                  pipeline_run_id: Optional[str] = None, progress: bool = False,
+def train_from_s3(train: Callable[..., Path], manifest_uri: str, out_uri: str, settings: PipelineConfig, *,
+                  encoder_uri: Optional[str] = None, pipeline_run_id: Optional[str] = None, progress: bool = False,
                   work_dir: Optional[PathLike] = None) -> str:
     """The train step with S3 inputs and output, in one process of a (torchrun) job; returns
     ``out_uri``. Inputs go to ``work_dir`` (``$RECONTRAST_WORK_DIR`` or /tmp) on each node."""
@@ -109,3 +113,31 @@ def is_remote(*uris: Optional[str]) -> bool:
     """True when any of the step's locations is an ``s3://`` URI (a TrainJob's process)."""
     return any(str(u).startswith("s3://") for u in uris if u)
 
+
+
+# ----------------------------------------------------------------------------- its record
+def _component(v: dict) -> None:
+    from .settings import with_run_values
+
+    bundle, encoder = v["bundle"], v.get("init_encoder")
+    cfg = with_run_values(v["settings"], shots=v["shots"], num_nodes=v["num_nodes"], gpus_per_node=v["gpus_per_node"])
+    bundle_dir = run_train_job(v["dataset"].uri, bundle.uri, bundle.path, cfg, image=v["image"],
+                               encoder_uri=encoder.uri if encoder else None,
+                               pipeline_run_id=component_run_id(v), on_status=print)
+    bundle.metadata.update(bundle_metadata(cfg, bundle_dir, bundle.path, adapted=encoder is not None,
+                                           train_backend="trainjob",
+                                           gpus=cfg.trainjob.num_nodes * cfg.trainjob.gpus_per_node))
+
+
+RECORD = register_step(StepRecord(
+    name="train_job",
+    summary="Starts the TrainJob (``image``: the project image the nodes run; ``num_nodes`` / "
+            "``gpus_per_node`` > 0 override ``settings.trainjob``), waits for it, and writes the "
+            "trained bundle into ``bundle``; a failed job fails this task with its pod's message.",
+    run=run_train_job, sections=("shots", "model", "train", "inference", "calibration", "tracking", "trainjob"),
+    cli=None, component=_component,
+    inputs=(Port("dataset", "Dataset"), Port("init_encoder", "Artifact", optional=True)),
+    outputs=(Port("bundle", "Model"),),
+    run_values=(("shots", int),),
+    kfp_params=(("num_nodes", int), ("gpus_per_node", int), ("image", str)),
+))

@@ -166,8 +166,11 @@ def _leaves(model, prefix=""):
             yield key, info
 
 
-def _changed_value(key: str, cfg: PipelineConfig):
-    """A valid non-default value for ``key`` (as a YAML literal)."""
+def _changed_value(key: str, cfg: PipelineConfig, info=None):
+    """A valid non-default value for ``key`` (as a YAML literal): a Literal field's next
+    choice; otherwise from the table below or by the value's type."""
+    import typing
+
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -193,6 +196,9 @@ def _changed_value(key: str, cfg: PipelineConfig):
                "registry.baseline_rule": "flat"}
     if key in special:
         return special[key]
+    ann = getattr(info, "annotation", None)
+    if typing.get_origin(ann) is typing.Literal and not isinstance(node, (tuple, list)):
+        return next(a for a in typing.get_args(ann) if a != node)
     if isinstance(node, bool):
         return not node
     if isinstance(node, int):
@@ -222,10 +228,10 @@ def test_every_field_reaches_its_step_through_cli_dvc_and_kfp(tmp_path, monkeypa
     compiled_default = spec["root"]["inputDefinitions"]["parameters"]["settings"]["defaultValue"]
     assert PipelineConfig.model_validate(compiled_default) == base
     checked = 0
-    for key, _ in _leaves(PipelineConfig):
+    for key, info in _leaves(PipelineConfig):
         if key.startswith("adapt.backbone."):
             continue  # follows train.backbone (adapt_settings; a different value is refused)
-        value = _changed_value(key, base)
+        value = _changed_value(key, base, info)
         item = f"{key}={json.dumps(value)}"
         via_cli = settings_from(None, {}, [item])  # recontrast ... --set (the CLI)
         params = tmp_path / "params.yaml"  # python -m recontrast_core.steps --params (DVC)
