@@ -5,6 +5,8 @@
 * ``method="coft"``: COFT-AD few-shot fine-tuning on ``shots`` normal images with
   synthesised anomalies as negatives (:mod:`.coft`, :mod:`.synth`), Mahalanobis scoring.
 
+The methods are registered in :mod:`.methods` (``register_method`` / ``get_method``).
+
 :func:`run_adapt` is the step function (CLI ``recontrast adapt``, the pipeline's adapt
 step): it writes
 
@@ -35,6 +37,7 @@ from ..errors import UserError
 from .coft import COFTResult, GaussianModel, MahalanobisScorer, coft_loss, train_coft
 from .embed import Embedder, trainable_parameters
 from .knn import KNNScorer, knn_scores
+from .methods import METHODS, AdaptMethod, get_method, register_method
 from .msc import MSCResult, compute_center, mean_shift, msc_loss, nt_xent, train_msc
 from .shots import sample_shots
 from .synth import cut_paste, noise_blob, scar, synthesize
@@ -49,6 +52,7 @@ __all__ = [
     "train_msc", "msc_loss", "nt_xent", "compute_center", "mean_shift", "MSCResult",
     "train_coft", "coft_loss", "COFTResult", "synthesize", "cut_paste", "scar", "noise_blob",
     "trainable_parameters", "ENCODER_FILE", "META_FILE",
+    "AdaptMethod", "METHODS", "get_method", "register_method",
 ]
 
 
@@ -69,24 +73,19 @@ def run_adapt(manifest: Manifest, cfg: AdaptConfig, out_dir: Union[str, Path], p
     from ..models.backbones import create_encoder
     from ..runtime import resolve_device, seed_everything
 
-    if cfg.method not in ("msc", "coft"):
-        raise UserError(f"adaptation needs a method: msc or coft, not {cfg.method!r}")
+    method = get_method(cfg.method)
     cfg = cfg.resolved()
     rows = _training_images(manifest, cfg)
-    if cfg.method == "msc" and len(rows) < 2:
-        raise UserError("MSC needs at least 2 normal training images (use --method coft for 1 shot)")
+    if len(rows) < method.min_images:
+        raise UserError(method.too_few)
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
     images, _, _ = load_resized(rows, cfg.image_size, with_masks=False, progress=progress)
     encoder = create_encoder(cfg.backbone)
     embedder = Embedder(encoder, cfg.level, cfg.pool, device, batch_size=cfg.batch_size)
     t0 = time.perf_counter()
-    center = None
-    if cfg.method == "msc":
-        result: Union[MSCResult, COFTResult] = train_msc(embedder, images, cfg, progress=progress, generator=gen)
-        center = result.center.tolist()
-    else:
-        result = train_coft(embedder, images, cfg, progress=progress, generator=gen)
+    result = method.train(embedder, images, cfg, progress=progress, generator=gen)
+    center = method.center(result) if method.center is not None else None
     wall = time.perf_counter() - t0
     meta = {
         "format": ADAPTED_FORMAT,
@@ -98,7 +97,7 @@ def run_adapt(manifest: Manifest, cfg: AdaptConfig, out_dir: Union[str, Path], p
         "final_loss": result.final_loss,
         "history": result.history,
         "n_images": len(rows),
-        "images": [e.path for e in rows.entries] if cfg.shots is not None or cfg.method == "coft" else None,
+        "images": [e.path for e in rows.entries] if cfg.shots is not None or method.lists_images else None,
         "dataset_fingerprint": manifest.fingerprint,
         "wall_time_s": round(wall, 2),
         "device": str(device),

@@ -23,7 +23,19 @@ from recontrast_core.data.cache import (
     normalize,
 )
 from recontrast_core.data.images import IMAGE_EXTENSIONS, image_size, load_image_rgb, load_mask
-from recontrast_core.data.layouts import hash_fraction, read_dataset, read_folder, read_mvtec
+from recontrast_core.data.layouts import (
+    LAYOUT_OPTIONS,
+    LAYOUTS,
+    PATH_OPTIONS,
+    Layout,
+    folder_reader,
+    get_layout,
+    hash_fraction,
+    read_dataset,
+    read_folder,
+    read_mvtec,
+    register_layout,
+)
 from recontrast_core.data.manifest import Manifest, ManifestEntry, split_validation
 from recontrast_core.data.validate import DatasetInvalid, ValidationReport, validate_manifest
 from recontrast_core.errors import DataValidationError, UserError
@@ -241,7 +253,7 @@ def test_not_an_image_raises(tmp_path):
 
 
 # ======================================================================================
-# layouts.py
+# layouts/
 # ======================================================================================
 def test_read_mvtec_tiny(tiny_mvtec):
     m = read_mvtec(tiny_mvtec)
@@ -379,6 +391,47 @@ def test_read_dataset_dispatch(tiny_mvtec, tmp_path, write_image):
         read_dataset(tiny_mvtec, layout="yolo")
     with pytest.raises(DataValidationError, match="not found"):
         read_dataset(tmp_path / "nope")
+
+
+def test_layout_registry_reads_a_registered_layout(tiny_mvtec, tmp_path, write_image):
+    """A layout is one register_layout call: read_dataset reads it by name (options checked,
+    path options listed) and auto-detects it by its detect test; unknown names list it."""
+    def read_toy(root, seed: int = 0):
+        return Manifest(root=str(root), entries=[
+            ManifestEntry(path=p.name, label=0, defect_type="good", split="train")
+            for p in sorted(Path(root).iterdir()) if p.suffix == ".png"], has_masks=False)
+
+    write_image(tmp_path / "toy" / "a.png")
+    (tmp_path / "toy" / "TOY").write_text("marker")
+    toy = Layout("toy", "a TOY file next to the images", folder_reader("toy", read_toy), options=("seed", "listing"),
+                 path_options=("listing",), detect=lambda p: (p / "TOY").is_file())
+    assert "toy" not in LAYOUTS
+    with pytest.raises(DataValidationError, match="cannot recognise"):
+        read_dataset(tmp_path / "toy")
+    register_layout(toy)
+    try:
+        assert get_layout("toy") is toy and LAYOUT_OPTIONS["toy"] == ("seed", "listing")
+        assert PATH_OPTIONS[-1] == "listing"
+        m = read_dataset(tmp_path / "toy", layout="toy", seed="3")
+        assert [e.path for e in m.entries] == ["a.png"]
+        assert read_dataset(tmp_path / "toy").entries == m.entries  # auto-detected, after the built-ins
+        assert read_dataset(tiny_mvtec).entries == read_mvtec(tiny_mvtec).entries
+        with pytest.raises(UserError, match=r"the toy layout takes seed, listing; got \['split'\]"):
+            read_dataset(tmp_path / "toy", layout="toy", split="hash")
+        with pytest.raises(ValueError, match="registered twice"):
+            register_layout(toy)
+        with pytest.raises(UserError, match="unknown dataset layout 'yolo'; accepted layouts: ") as err:
+            read_dataset(tmp_path / "toy", layout="yolo")
+        listed = str(err.value)
+        for name in LAYOUTS:
+            assert f"'{name}' (" in listed or name == "manifest"
+        assert "'toy' (a TOY file next to the images)" in listed and "a manifest.json file" in listed
+    finally:
+        del LAYOUTS["toy"]
+    assert "toy" not in LAYOUT_OPTIONS and "listing" not in PATH_OPTIONS
+    with pytest.raises(UserError, match="unknown dataset layout 'toy'") as err:
+        read_dataset(tmp_path / "toy", layout="toy")
+    assert "'toy'" not in str(err.value).split(";", 1)[1]
 
 
 # ======================================================================================
