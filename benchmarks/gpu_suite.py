@@ -435,7 +435,7 @@ class Suite:
 
     def _speed_one(self, kw: dict, cudnn_benchmark: bool = True, eval_too: bool = True, compile_model: bool = False) -> dict:
         from recontrast_core.models import build_model
-        from recontrast_core.train import _prepare, _to_device, batch_indices
+        from recontrast_core.train import batch_indices, prepare_batch, to_device
 
         batch = 2 if self.tiny else 16
         cfg = self.train_cfg(batch_size=batch, iterations=10_000, **kw)
@@ -452,8 +452,8 @@ class Suite:
             warm, iters = (1, 2) if self.tiny else (10, 60)
 
             def step(i):
-                idx = _to_device(batch_indices(i, n_img, batch, cfg.seed), self.device)
-                trainer_step(trainer, _prepare(images[idx], cfg, self.device, i, model.encoder.stats), 1.0)
+                idx = to_device(batch_indices(i, n_img, batch, cfg.seed), self.device)
+                trainer_step(trainer, prepare_batch(images[idx], cfg, self.device, i, model.encoder.stats), 1.0)
 
             compile_s = None
             if compile_model:

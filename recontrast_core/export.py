@@ -236,16 +236,6 @@ def export_bundle(bundle_dir: Union[str, Path], out_dir: Union[str, Path], fmt: 
     return model_path
 
 
-def export_onnx(bundle_dir, out_dir) -> Path:
-    """``out_dir/model.onnx`` (+ ``export.json``)."""
-    return export_bundle(bundle_dir, out_dir, "onnx")
-
-
-def export_openvino(bundle_dir, out_dir) -> Path:
-    """``out_dir/model.xml`` + ``model.bin`` (+ ``export.json``), converted from the ONNX graph."""
-    return export_bundle(bundle_dir, out_dir, "openvino")
-
-
 # ---------------------------------------------------------------------------------------
 # scoring with the exported files
 # ---------------------------------------------------------------------------------------

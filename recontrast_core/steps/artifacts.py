@@ -21,13 +21,11 @@ DVC caches them): :func:`load_manifest` re-anchors its root on ``<manifest dir>/
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 from ..data.manifest import Manifest
 from ..errors import UserError
@@ -42,7 +40,6 @@ DATA_DIR = "data"
 ADAPT_SKIPPED_FILE = "adapt_skipped.json"
 METRICS_SUMMARY_FILE = "metrics_summary.json"  # scalar metrics only (DVC `metrics show`)
 PLOTS_DIR = "plots"
-REGISTER_FILE = "register.json"
 SHOTS_SEED = 0  # the few-shot selection is the same in adapt and train
 
 
@@ -69,13 +66,6 @@ def load_manifest(path: Union[PathLike, Manifest]) -> Manifest:
     if data_dir and (mpath.parent / data_dir).is_dir():
         return replace(manifest, root=str((mpath.parent / data_dir).resolve()))
     raise UserError(f"{mpath}: dataset root {manifest.root} not found")
-
-
-@contextlib.contextmanager
-def anchored_manifest(manifest: Manifest) -> Iterator[Path]:
-    """A manifest file on disk for ``manifest`` (for code that takes a path)."""
-    with tempfile.TemporaryDirectory(prefix="recontrast-manifest-") as tmp:
-        yield manifest.save(Path(tmp) / MANIFEST_FILE)
 
 
 def find_bundle_dir(path: PathLike) -> Path:
