@@ -3,7 +3,7 @@
 Open inference protocol v2 over REST on ``--port`` (docs/serving.md): ``POST
 /v2/models/<NAME>/infer``, ``/v2/health/live``, ``/v2/models/<NAME>/ready``. The alias is
 re-resolved every ``--poll-s`` seconds and a moved alias is loaded and swapped in
-(:mod:`recontrast_core.mlops.kserve_predictor`). Also ``python -m recontrast_core.cli serve``.
+(:mod:`recontrast_core.mlops.serving.kserve_predictor`). Also ``python -m recontrast_core.cli serve``.
 Bad flags, an unknown model or alias exit with code 2 and one line.
 """
 
@@ -44,6 +44,6 @@ def serve_command(
             raise UserError(f"--poll-s must be >= 0, not {poll_s}")
         if name is not None and not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise UserError(f"--name may hold letters, digits, '-', '_' and '.', not {name!r}")
-        from ..mlops.kserve_predictor import serve
+        from ..mlops.serving.kserve_predictor import serve
 
         serve(model, name=name, port=port, poll_s=poll_s, device=device, tracking_uri=tracking_uri)

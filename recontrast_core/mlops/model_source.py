@@ -66,19 +66,19 @@ def _mlflow_errors(uri: str, exc: Exception) -> UserError:
 
 
 def _registered(uri: str, m: re.Match, dest: Path, tracking_uri: Optional[str]) -> ResolvedModel:
-    from . import registry
+    from . import registry_lookup as lookup
 
-    client = registry.get_client(tracking_uri)
+    client = lookup.get_client(tracking_uri)
     name = m["name"]
     try:
-        registry.get_registered_model(client, name)
+        lookup.get_registered_model(client, name)
         if m["alias"]:
-            mv = registry.alias_version(client, name, m["alias"])
+            mv = lookup.alias_version(client, name, m["alias"])
             if mv is None:
                 raise UserError(f"{uri}: model {name!r} has no version with the alias {m['alias']!r}")
         else:
-            mv = registry.get_version(client, name, m["version"])
-        root = registry.download_bundle(client, name, mv, dest)
+            mv = lookup.get_version(client, name, m["version"])
+        root = lookup.download_bundle(client, name, mv, dest)
     except UserError as exc:
         msg = str(exc)
         raise UserError(msg if msg.startswith(uri) else f"{uri}: {msg}") from None
@@ -90,7 +90,7 @@ def _registered(uri: str, m: re.Match, dest: Path, tracking_uri: Optional[str]) 
 def _run_artifact(uri: str, m: re.Match, dest: Path, tracking_uri: Optional[str]) -> ResolvedModel:
     import mlflow.artifacts
 
-    from .tracking import resolve_tracking_uri
+    from .tracking_store import resolve_tracking_uri
 
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest),

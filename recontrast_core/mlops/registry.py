@@ -23,20 +23,21 @@ Version tags written here: ``pipeline_run_id``, ``dataset_fingerprint``,
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import random
-import socket
-import tempfile
-import time
-import uuid
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..errors import UserError
 from ..promotion import KEY_METRICS, Decision, PromotionPolicy, decide_promotion, metric_value
+from .registry_lock import LOCK_TAG, RegistryBusy, model_lock  # noqa: F401  (LOCK_TAG, RegistryBusy: for callers)
+from .registry_lookup import (  # noqa: F401  (download_bundle: for callers, registry.download_bundle)
+    all_versions,
+    alias_version,
+    download_bundle,
+    get_client,
+    get_registered_model,
+    get_version,
+    is_not_found,
+)
 
 DEFAULT_MODEL_NAME = "recontrast"
 CHAMPION = "champion"
@@ -52,31 +53,8 @@ TAG_COMPARED_WITH = "compared_with_version"
 
 
 # ---------------------------------------------------------------------------------------
-# MLflow helpers
+# versions and their metrics (reading the registry: registry_lookup.py)
 # ---------------------------------------------------------------------------------------
-def get_client(tracking_uri: Optional[str] = None):
-    from .tracking import get_client as _get
-
-    return _get(tracking_uri)
-
-
-def _is_not_found(exc: Exception) -> bool:
-    code = getattr(exc, "error_code", "") or ""
-    return "RESOURCE_DOES_NOT_EXIST" in code or "NOT_FOUND" in code or "not found" in str(exc).lower()
-
-
-def alias_version(client, model_name: str, alias: str):
-    """The ModelVersion behind ``alias``, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException as exc:
-        if _is_not_found(exc) or "alias" in str(exc).lower():
-            return None
-        raise
-
-
 def _ensure_registered_model(client, model_name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -84,7 +62,7 @@ def _ensure_registered_model(client, model_name: str) -> None:
         client.get_registered_model(model_name)
         return
     except MlflowException as exc:
-        if not _is_not_found(exc):
+        if not is_not_found(exc):
             raise
     try:
         client.create_registered_model(
@@ -93,19 +71,6 @@ def _ensure_registered_model(client, model_name: str) -> None:
     except MlflowException as exc:  # created concurrently
         if "ALREADY_EXISTS" not in (getattr(exc, "error_code", "") or ""):
             raise
-
-
-def _all_versions(client, model_name: str) -> list:
-    versions, token = [], None
-    while True:
-        page = client.search_model_versions(
-            f"name = '{model_name}'", max_results=200, page_token=token
-        )
-        versions.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            break
-    return sorted(versions, key=lambda v: int(v.version))
 
 
 def version_metrics(client, mv) -> dict[str, float]:
@@ -123,99 +88,22 @@ def version_metrics(client, mv) -> dict[str, float]:
         try:
             out = dict(client.get_run(mv.run_id).data.metrics)
         except MlflowException as exc:
-            if not _is_not_found(exc):
+            if not is_not_found(exc):
                 raise  # a server error is not "no metrics"
             out = {}  # the run was deleted: the version has no metrics to compare
     return out
 
 
 def find_version_for_pipeline_run(client, model_name: str, pipeline_run_id: str):
-    for mv in _all_versions(client, model_name):
+    for mv in all_versions(client, model_name):
         if (mv.tags or {}).get(TAG_PIPELINE_RUN_ID) == pipeline_run_id:
             return mv
     return None
 
 
 # ---------------------------------------------------------------------------------------
-# one writer at a time per model: a lock kept in the registry itself
+# what a serial history guarantees (the lock that serialises writers: registry_lock.py)
 # ---------------------------------------------------------------------------------------
-LOCK_TAG = "recontrast.lock"
-LOCK_TTL_S = 120.0  # a holder that died frees the lock after this long
-LOCK_SETTLE_S = 0.3  # written, then read back after this long: the last writer wins
-LOCK_TIMEOUT_S = 300.0
-
-
-class RegistryBusy(UserError):
-    """Another writer held the model's lock for longer than the timeout."""
-
-
-def _read_lock(client, model_name: str) -> Optional[dict]:
-    raw = (client.get_registered_model(model_name).tags or {}).get(LOCK_TAG)
-    if not raw:
-        return None
-    try:
-        lock = json.loads(raw)
-        return lock if isinstance(lock, dict) and "owner" in lock and "expires" in lock else None
-    except ValueError:
-        return None  # garbage in the tag: treat as free (it is overwritten below)
-
-
-@contextlib.contextmanager
-def model_lock(client, model_name: str, *, ttl_s: float = LOCK_TTL_S, timeout_s: float = LOCK_TIMEOUT_S):
-    """Serialise registry writes (register, promote, roll back) for ``model_name``.
-
-    The MLflow server has no transactions, so the lock is a tag on the registered model
-    holding ``{"owner", "expires"}``: a writer waits while an unexpired lock of another
-    owner is there, writes its own, waits :data:`LOCK_SETTLE_S` and reads it back; only the
-    writer that reads its own owner back holds it (of concurrent writers the last one wins,
-    the others see it and wait). Released (deleted) on exit, only if still ours."""
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-    deadline = time.monotonic() + timeout_s
-    rng = random.Random(owner)
-    while True:
-        held = _read_lock(client, model_name)
-        if held is None or held["owner"] == owner or float(held["expires"]) < time.time():
-            if _write_lock(client, model_name, {"owner": owner, "expires": time.time() + ttl_s}):
-                time.sleep(LOCK_SETTLE_S)
-                back = _read_lock(client, model_name)
-                if back is not None and back["owner"] == owner:
-                    break
-        if time.monotonic() > deadline:
-            who = held["owner"] if held else "another writer"
-            raise RegistryBusy(f"{model_name}: the registry is being changed by {who}; gave up after "
-                               f"{timeout_s:.0f} s (its lock expires on its own after {ttl_s:.0f} s)")
-        time.sleep(0.1 + rng.random() * 0.4)
-    try:
-        yield owner
-    finally:
-        current = _read_lock(client, model_name)
-        if current is not None and current["owner"] == owner:
-            try:
-                client.delete_registered_model_tag(model_name, LOCK_TAG)
-            except Exception as exc:  # already taken over after expiry: not ours to delete
-                if not _is_conflict(exc):
-                    raise
-
-
-def _is_conflict(exc: Exception) -> bool:
-    """A write that lost a race at the server (two inserts of one tag at once) or a tag
-    already gone: both mean "someone else got there first"."""
-    text = f"{getattr(exc, 'error_code', '')} {exc}"
-    return any(s in text for s in ("UNIQUE constraint", "IntegrityError", "ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                                   "duplicate key"))
-
-
-def _write_lock(client, model_name: str, lock: dict) -> bool:
-    """Write the lock tag; False when a concurrent writer's insert won at the database."""
-    try:
-        client.set_registered_model_tag(model_name, LOCK_TAG, json.dumps(lock))
-        return True
-    except Exception as exc:
-        if _is_conflict(exc):
-            return False
-        raise
-
-
 def check_invariants(client, model_name: str) -> list[str]:
     """What a serial history guarantees, read back from the registry (empty = all hold):
     the champion, challenger and previous champion are distinct versions; the previous
@@ -308,7 +196,7 @@ def _create_version(client, model_name: str, source: str, run_id: str, tags: dic
 
     ``runs:/<run>/<name>`` resolves like ``mlflow.register_model``: to the MLflow 3
     LoggedModel called ``<name>`` on the run (``models:/<model_id>``, e.g. the pyfunc
-    from :func:`recontrast_core.mlops.pyfunc_model.log_pyfunc`), else to the run's artifact
+    from :func:`recontrast_core.mlops.serving.pyfunc_model.log_pyfunc`), else to the run's artifact
     directory ``<name>`` (e.g. a bundle logged with ``tracking.log_bundle``).
     """
     model_id = None
@@ -521,31 +409,6 @@ def _rollback_locked(client, model_name: str, reason: str) -> dict:
     }
 
 
-def get_registered_model(client, model_name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(model_name)
-    except MlflowException as exc:
-        if _is_not_found(exc):
-            raise UserError(f"no registered model named {model_name!r}") from None
-        raise
-
-
-def get_version(client, model_name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    if not str(version).strip().isdigit():
-        raise UserError(f"{model_name}: version must be a number (as `registry status` lists them), not {version!r}")
-
-    try:
-        return client.get_model_version(model_name, str(version))
-    except MlflowException as exc:
-        if _is_not_found(exc):
-            raise UserError(f"{model_name}: no version {version}") from None
-        raise
-
-
 def status(model_name: str = DEFAULT_MODEL_NAME, *, client=None) -> dict:
     """Aliases, versions and their key metrics, as a JSON-able dict."""
     client = client or get_client()
@@ -555,7 +418,7 @@ def status(model_name: str = DEFAULT_MODEL_NAME, *, client=None) -> dict:
     for alias, v in aliases.items():
         by_version.setdefault(v, []).append(alias)
     versions = []
-    for mv in _all_versions(client, model_name):
+    for mv in all_versions(client, model_name):
         tags = mv.tags or {}
         m = version_metrics(client, mv)
         versions.append(
@@ -572,26 +435,3 @@ def status(model_name: str = DEFAULT_MODEL_NAME, *, client=None) -> dict:
             }
         )
     return {"model_name": model_name, "aliases": aliases, "versions": versions}
-
-
-# ---------------------------------------------------------------------------------------
-# a version's files
-# ---------------------------------------------------------------------------------------
-def download_bundle(client, model_name: str, mv, dst: os.PathLike) -> Path:
-    """Download a version's files and return the directory holding ``bundle.json``."""
-    import mlflow
-    import mlflow.artifacts
-
-    dst = Path(dst)
-    uri = client.get_model_version_download_uri(model_name, str(mv.version))
-    tracking_uri = getattr(getattr(client, "_tracking_client", None), "tracking_uri", None)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri or mlflow.get_tracking_uri()
-    )
-    root = Path(local)
-    if (root / "bundle.json").is_file():
-        return root
-    hits = sorted(root.rglob("bundle.json"))
-    if not hits:
-        raise UserError(f"{model_name} v{mv.version}: no bundle.json in the registered model")
-    return hits[0].parent

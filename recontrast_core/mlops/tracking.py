@@ -1,14 +1,9 @@
 """MLflow adapter: one parent run per pipeline run, one child run per step.
 
-Where runs go
--------------
-* ``MLFLOW_TRACKING_URI`` set (or ``tracking_uri=`` passed): that server / store.
-* Otherwise the **embedded default**: ``sqlite:///<workdir>/mlflow.db`` for runs and the
-  model registry, artifacts as files under ``<workdir>/mlartifacts``; ``workdir`` is the
-  current directory unless passed. Browse it with
-  ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` in that directory.
-  The usual MLflow variables (``MLFLOW_S3_ENDPOINT_URL``, ``AWS_*``) apply to S3
-  artifact stores as always.
+Where runs go (the embedded SQLite default, or ``MLFLOW_TRACKING_URI``):
+:mod:`.tracking_store`; what a run records (params, metrics, evaluation, bundle, dataset):
+:mod:`.tracking_log`. Both are re-exported here, so callers use this module alone
+(``tracking.get_client``, ``tracking.log_metrics``, ...).
 
 Runs of one pipeline
 --------------------
@@ -21,106 +16,45 @@ reopens its own child run instead of adding a new one.
 
 Parent tags: ``pipeline_run_id``, ``git_commit`` (and ``mlflow.source.git.commit``),
 ``dvc_rev``, ``dataset_fingerprint``. Params are flattened (``a.b.c``) and pass through
-:func:`redact_params`: a credential never reaches MLflow.
+:func:`~.redaction.redact_params`: a credential never reaches MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import re
 import subprocess
-import tempfile
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional
 
-from .redaction import flatten_params, param_str, redact_params, redact_tags, redact_value, secret_env_values
+from .redaction import redact_tags
 
-DEFAULT_EXPERIMENT = "recontrast"
-EMBEDDED_DB = "mlflow.db"
-EMBEDDED_ARTIFACTS = "mlartifacts"
+# The adapter's public face: callers use the store and logging functions as tracking.<name>.
+from .tracking_log import (  # noqa: F401
+    TAG_DVC_REV,
+    TAG_FINGERPRINT,
+    log_bundle,
+    log_dataset_input,
+    log_evaluation,
+    log_loss_curve,
+    log_metrics,
+    log_params,
+    log_selection,
+    set_tags,
+)
+from .tracking_store import (  # noqa: F401
+    DEFAULT_EXPERIMENT,
+    configure,
+    embedded_tracking_uri,
+    get_client,
+    mlflow_module,
+    resolve_tracking_uri,
+)
 
 TAG_PIPELINE_RUN_ID = "pipeline_run_id"
 TAG_STEP = "step"
 TAG_ROLE = "recontrast.role"  # "pipeline" on parents, "step" on children
 TAG_GIT_COMMIT = "git_commit"
-TAG_DVC_REV = "dvc_rev"
-TAG_FINGERPRINT = "dataset_fingerprint"
-
-
-# ---------------------------------------------------------------------------------------
-# where runs go
-# ---------------------------------------------------------------------------------------
-def _mlflow():
-    import mlflow  # imported lazily: the pure-ML modules never need it
-
-    return mlflow
-
-
-def embedded_tracking_uri(workdir: Optional[os.PathLike] = None) -> str:
-    """``sqlite:///<workdir>/mlflow.db`` (absolute path; workdir defaults to the cwd)."""
-    root = Path(workdir or os.getcwd()).resolve()
-    return f"sqlite:///{root / EMBEDDED_DB}"
-
-
-
-def resolve_tracking_uri(
-    tracking_uri: Optional[str] = None, workdir: Optional[os.PathLike] = None
-) -> str:
-    """The explicit argument, else ``MLFLOW_TRACKING_URI``, else the embedded SQLite file."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri(workdir)
-
-
-
-def _sqlite_artifact_location(uri: str) -> Optional[str]:
-    """For a SQLite store, artifacts go to ``mlartifacts/`` next to the database file
-    (the embedded default: ``<workdir>/mlartifacts``); a server decides for itself."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///") :])
-    if not db.is_absolute():
-        db = Path(os.getcwd()) / db
-    return (db.resolve().parent / EMBEDDED_ARTIFACTS).as_uri()
-
-
-def configure(
-    tracking_uri: Optional[str] = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    workdir: Optional[os.PathLike] = None,
-) -> str:
-    """Point MLflow at the resolved store and select (create) ``experiment``.
-
-    With a SQLite store (the embedded default included) a new experiment's artifacts go
-    to ``mlartifacts/`` next to the database; with a server, the server decides.
-    Returns the experiment id.
-    """
-    mlflow = _mlflow()
-    uri = resolve_tracking_uri(tracking_uri, workdir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        location = _sqlite_artifact_location(uri)
-        try:
-            exp_id = client.create_experiment(experiment, artifact_location=location)
-        except Exception:  # created concurrently by another step
-            exp = client.get_experiment_by_name(experiment)
-            if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
-
-
-def get_client(tracking_uri: Optional[str] = None, workdir: Optional[os.PathLike] = None):
-    mlflow = _mlflow()
-    uri = resolve_tracking_uri(tracking_uri, workdir)
-    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,7 +184,7 @@ def step_run(
     ``mlflow.log_*`` and :func:`log_pyfunc` land there. The run ends FINISHED, or FAILED
     when the block raises. ``parent_kw`` goes to :func:`start_pipeline_run`.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     parent_id = start_pipeline_run(
         pipeline_run_id,
         experiment=experiment,
@@ -279,242 +213,3 @@ def step_run(
     nested = active is not None and active.info.run_id != run_id
     with mlflow.start_run(run_id=run_id, nested=nested):
         yield run_id
-
-
-def _run_id(run_id: Optional[str]) -> str:
-    if run_id:
-        return run_id
-    active = _mlflow().active_run()
-    if active is None:
-        raise RuntimeError("no MLflow run: pass run_id or call inside step_run()")
-    return active.info.run_id
-
-
-# ---------------------------------------------------------------------------------------
-# logging
-# ---------------------------------------------------------------------------------------
-def set_tags(tags: Mapping[str, Any], run_id: Optional[str] = None, client=None) -> None:
-    client = client or get_client()
-    rid = _run_id(run_id)
-    for key, value in redact_tags(tags).items():
-        client.set_tag(rid, key, value)
-
-
-def log_params(params: Any, run_id: Optional[str] = None, client=None) -> dict[str, str]:
-    """Flatten (pydantic / dataclass / dict), redact and log; returns what was logged.
-
-    A param already logged with the same value is skipped (MLflow refuses to change a
-    param, and a retried step logs the same config again); a changed value is logged
-    under ``<key>.retry`` rather than failing the step.
-    """
-    from mlflow.entities import Param
-
-    client = client or get_client()
-    rid = _run_id(run_id)
-    flat = flatten_params(params)
-    clean = {k: param_str(v) for k, v in redact_params(flat).items()}
-    existing = client.get_run(rid).data.params
-    todo = {}
-    for key, value in clean.items():
-        if key in existing:
-            if existing[key] != value and f"{key}.retry" not in existing:
-                todo[f"{key}.retry"] = value
-            continue
-        todo[key] = value
-    items = [Param(k, v) for k, v in todo.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(rid, params=items[i : i + 100])
-    return clean
-
-
-def _finite_number(value: Any) -> Optional[float]:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic) and np.issubdtype(value.dtype, np.number):
-            return float(value)
-    except ImportError:  # pragma: no cover
-        pass
-    return None
-
-
-def log_metrics(
-    metrics: Mapping[str, Any],
-    run_id: Optional[str] = None,
-    *,
-    step: int = 0,
-    prefix: str = "",
-    client=None,
-) -> dict[str, float]:
-    """Log the numeric entries of ``metrics`` (others are skipped); returns them."""
-    import time
-
-    from mlflow.entities import Metric
-
-    client = client or get_client()
-    rid = _run_id(run_id)
-    now = int(time.time() * 1000)
-    out = {}
-    for key, value in metrics.items():
-        num = _finite_number(value)
-        if num is None or math.isnan(num):
-            continue
-        out[prefix + key] = num
-    items = [Metric(k, v, now, step) for k, v in out.items()]
-    for i in range(0, len(items), 1000):
-        client.log_batch(rid, metrics=items[i : i + 1000])
-    return out
-
-
-def log_loss_curve(
-    history: Sequence[Mapping[str, Any]],
-    run_id: Optional[str] = None,
-    *,
-    step_key: str = "iteration",
-    keys: Sequence[str] = ("loss", "alpha"),
-    prefix: str = "train/",
-    client=None,
-) -> int:
-    """Log a training history (``[{iteration, loss, alpha}, ...]``) as stepped metrics.
-
-    Metric names are ``train/loss`` and ``train/alpha``; returns the number of points.
-    """
-    import time
-
-    from mlflow.entities import Metric
-
-    client = client or get_client()
-    rid = _run_id(run_id)
-    now = int(time.time() * 1000)
-    items = []
-    for i, row in enumerate(history):
-        step = int(row.get(step_key, i))
-        for key in keys:
-            num = _finite_number(row.get(key))
-            if num is not None and not math.isnan(num):
-                items.append(Metric(prefix + key, num, now, step))
-    for i in range(0, len(items), 1000):
-        client.log_batch(rid, metrics=items[i : i + 1000])
-    return len(history)
-
-
-
-def log_selection(kind: str, selection: Optional[Mapping[str, Any]], run_id: Optional[str] = None,
-                  client=None) -> dict[str, float]:
-    """The model kind a train step shipped (tag ``model_kind``) and, for ``model.kind: auto``,
-    every candidate's and grid setting's validation metrics (``selection/<candidate>/<metric>``,
-    ``selection/grid/<backbone>_<size>_<stats>/image_auroc``)."""
-    set_tags({"model_kind": kind, **({"selection_rule": selection.get("rule", "")} if selection else {})},
-             run_id, client)
-    if not selection:
-        return {}
-    flat: dict[str, float] = {}
-    for name, metrics in (selection.get("candidates") or {}).items():
-        for key, value in metrics.items():
-            flat[f"selection/{name}/{key}"] = value
-    for rec in selection.get("grid") or []:
-        tag = f"{rec['backbone']}_{rec['image_size']}_{rec['input_stats']}"
-        flat[f"selection/grid/{tag}/image_auroc"] = rec["image_auroc"]
-    for key, value in (selection.get("wall_time_s") or {}).items():
-        flat[f"selection/wall_time_s/{key}"] = value
-    return log_metrics(flat, run_id, client=client)
-
-
-def log_evaluation(
-    metrics_payload: Any,
-    run_id: Optional[str] = None,
-    *,
-    plots_dir: Optional[os.PathLike] = None,
-    artifact_path: str = "evaluation",
-    client=None,
-) -> dict[str, float]:
-    """Log an evaluation: its scalar metrics, ``metrics.json``, and the plots the evaluate
-    step already drew (``plots_dir``: ROC, PR, overlay grid; they are not drawn again).
-
-    ``metrics_payload`` is the metrics JSON payload (dict) or a path to ``metrics.json``
-    (see docs/contracts.md). Returns the scalar metrics logged.
-    """
-    client = client or get_client()
-    rid = _run_id(run_id)
-    if isinstance(metrics_payload, (str, os.PathLike)):
-        payload = json.loads(Path(metrics_payload).read_text())
-    else:
-        payload = dict(metrics_payload)
-    logged = log_metrics(payload.get("metrics", {}), rid, client=client)
-    if payload.get("dataset_fingerprint"):
-        client.set_tag(rid, "eval_dataset_fingerprint", str(payload["dataset_fingerprint"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "metrics.json").write_text(json.dumps(payload, indent=1, default=str))
-        client.log_artifacts(rid, tmp, artifact_path)
-    if plots_dir is not None and Path(plots_dir).is_dir():
-        client.log_artifacts(rid, str(plots_dir), f"{artifact_path}/plots")
-    return logged
-
-
-def log_bundle(
-    bundle_dir: os.PathLike, run_id: Optional[str] = None, artifact_path: str = "bundle", client=None
-) -> str:
-    """Upload the model bundle directory; returns its artifact URI."""
-    client = client or get_client()
-    rid = _run_id(run_id)
-    client.log_artifacts(rid, str(bundle_dir), artifact_path)
-    return f"runs:/{rid}/{artifact_path}"
-
-
-def log_dataset_input(
-    dataset_uri: str,
-    fingerprint: str,
-    run_id: Optional[str] = None,
-    *,
-    name: str = "dataset",
-    dvc_rev: Optional[str] = None,
-    context: str = "training",
-    n_images: Optional[int] = None,
-    client=None,
-) -> None:
-    """Record the dataset as an MLflow run input (``mlflow.data`` MetaDataset).
-
-    Source = ``dataset_uri`` (a folder, an ``s3://`` prefix or a DVC path), digest =
-    the manifest fingerprint; the DVC revision goes to the input tags and the run tags.
-    """
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    client = client or get_client()
-    rid = _run_id(run_id)
-    dataset_uri = redact_value(str(dataset_uri), secret_env_values())
-    source = _dataset_source(dataset_uri)
-    ds = MetaDataset(source=source, name=name, digest=str(fingerprint)[:36])
-    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
-    if dvc_rev:
-        tags.append(InputTag(TAG_DVC_REV, str(dvc_rev)))
-    if n_images is not None:
-        tags.append(InputTag("n_images", str(n_images)))
-    client.log_inputs(rid, datasets=[DatasetInput(dataset=ds._to_mlflow_entity(), tags=tags)])
-    run_tags: dict[str, Any] = {TAG_FINGERPRINT: fingerprint, "dataset_uri": dataset_uri}
-    if dvc_rev:
-        run_tags[TAG_DVC_REV] = dvc_rev
-    set_tags(run_tags, rid, client=client)
-
-
-def _dataset_source(uri: str):
-    """A DatasetSource for ``uri``: MLflow's own for files/s3/http, else a plain URI one."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-
-    import warnings
-
-    try:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways"
-            return resolve_dataset_source(uri)
-    except Exception:
-        pass
-    # dvc://, git+..., or anything MLflow has no resolver for: keep the URI as-is.
-    return HTTPDatasetSource(url=uri)

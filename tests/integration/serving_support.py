@@ -43,7 +43,7 @@ def register_champion(bundle: Path, name: str, client) -> str:
     """Log ``bundle`` as the pyfunc model, register it under ``name``, make it champion."""
     import mlflow
 
-    from recontrast_core.mlops.pyfunc_model import log_pyfunc
+    from recontrast_core.mlops.serving.pyfunc_model import log_pyfunc
     from recontrast_core.mlops.registry import force_promote
 
     with mlflow.start_run():

@@ -344,7 +344,7 @@ def fake_bundle_module(monkeypatch):
 def test_pyfunc_model_roundtrip(client, tmp_path, fake_bundle_module):
     import mlflow
 
-    from recontrast_core.mlops.pyfunc_model import log_pyfunc
+    from recontrast_core.mlops.serving.pyfunc_model import log_pyfunc
 
     name = _uid("m")
     pid = _uid("pr")

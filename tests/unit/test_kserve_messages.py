@@ -14,7 +14,7 @@ pytest.importorskip("kserve", reason="the serve extra is not installed (pip inst
 pytest.importorskip("mlflow")
 
 from recontrast_core.errors import UserError  # noqa: E402
-from recontrast_core.mlops.kserve_predictor import (  # noqa: E402
+from recontrast_core.mlops.serving.kserve_predictor import (  # noqa: E402
     decode_element,
     infer_response,
     kserve,

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from recontrast_core.mlops.pyfunc_model import ReContrastModel, _as_inputs, model_signature  # noqa: E402
+from recontrast_core.mlops.serving.pyfunc_model import ReContrastModel, _as_inputs, model_signature  # noqa: E402
 
 
 class _FakeDetector:

@@ -39,8 +39,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import UserError, first_line
-from .model_source import parse_model_uri
+from ...errors import UserError, first_line
+from ..model_source import parse_model_uri
 
 
 def _import_kserve():
@@ -98,7 +98,7 @@ class ReContrastPredictor(kserve.Model):
         self.poll_s = float(poll_s)
         self.device = device
         if client is None:
-            from .registry import get_client
+            from ..registry_lookup import get_client
 
             client = get_client(tracking_uri)
         self.client = client
@@ -113,7 +113,7 @@ class ReContrastPredictor(kserve.Model):
     # ------------------------------------------------------------------ loading
     def target_version(self) -> str:
         """The version the URI points at now; UserError when the model or alias is missing."""
-        from .registry import alias_version, get_registered_model, get_version
+        from ..registry_lookup import alias_version, get_registered_model, get_version
 
         if self.fixed_version is not None:
             return str(get_version(self.client, self.registered_name, self.fixed_version).version)
@@ -146,8 +146,8 @@ class ReContrastPredictor(kserve.Model):
             return True
 
     def _load(self, version: str):
-        from ..bundle import load_detector
-        from .registry import download_bundle, get_version
+        from ...bundle import load_detector
+        from ..registry_lookup import download_bundle, get_version
 
         mv = get_version(self.client, self.registered_name, version)
         with tempfile.TemporaryDirectory(prefix="recontrast-serve-") as tmp:
@@ -260,7 +260,7 @@ def request_return_map(request) -> bool:
 def decode_element(i: int, value) -> np.ndarray:
     """Element ``i`` of the ``image`` input -> uint8 [H, W, 3]: text is base64; bytes are
     base64 when they are base64 text, else the encoded file itself."""
-    from ..data.images import decode_base64_image, decode_image_bytes
+    from ...data.images import decode_base64_image, decode_image_bytes
 
     name = f"image[{i}]"
     if isinstance(value, str):
