@@ -271,7 +271,7 @@ def concurrent_register(client, n: int, tmp: Path) -> dict:
         (b / "bundle.json").write_text("{}")
         tracking.log_bundle(b, run.info.run_id, "bundle", client=client)
         runs.append(run.info.run_id)
-    registry._ensure_registered_model(client, name)
+    registry.ensure_registered_model(client, name)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
         versions = list(pool.map(lambda rid: registry.register_candidate(

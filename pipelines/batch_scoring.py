@@ -11,14 +11,14 @@ run, e.g. per scheduled run; false: to ``output_uri`` itself, so a run scores on
 images not already there, while the model is the same).
 
 Cluster settings: the training pipeline's (S3 and MLflow credentials from Secrets, the
-endpoints from the ConfigMap, :mod:`pipelines.training_pipeline`), CPU/memory requests,
+endpoints from the ConfigMap, :mod:`recontrast_core.pipelines.training_pipeline`), CPU/memory requests,
 retries with backoff (a retried task resumes from its parts), never cached (the inputs and
-the alias change outside KFP). Local runs: :func:`pipelines.local_runner.run_local_batch_scoring`;
-scheduling: ``recontrast pipeline batch-scoring schedule`` (:mod:`pipelines.client`).
+the alias change outside KFP). Local runs: :func:`recontrast_core.pipelines.local_runner.run_local_batch_scoring`;
+scheduling: ``recontrast pipeline batch-scoring schedule`` (:mod:`recontrast_core.pipelines.client`).
 
 Regenerate the golden YAML after an intended change with::
 
-    env -u RECONTRAST_IMAGE python -m pipelines.batch_scoring
+    env -u RECONTRAST_IMAGE python -m recontrast_core.pipelines.batch_scoring
 """
 
 import os
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kfp import dsl
 
-from components import batch_score_op
+from recontrast_core.components import batch_score_op
 
 from .compile import compile_to
 from .task_settings import cluster_env, io_retry

@@ -1,6 +1,6 @@
 """Submit and schedule the pipelines on a Kubeflow Pipelines API server: ``training``
-(:mod:`pipelines.training_pipeline`, the default) or ``batch-scoring``
-(:mod:`pipelines.batch_scoring`), chosen with ``pipeline=``.
+(:mod:`recontrast_core.pipelines.training_pipeline`, the default) or ``batch-scoring``
+(:mod:`recontrast_core.pipelines.batch_scoring`), chosen with ``pipeline=``.
 
 Both go through ``kfp.Client`` (KFP v2beta1 REST API):
 
@@ -27,8 +27,8 @@ from typing import Any, Mapping, Optional
 DEFAULT_EXPERIMENT = "recontrast"
 # pipeline -> (its module, the KFP pipeline name it is uploaded as, the default recurring-run name)
 PIPELINES = {
-    "training": ("pipelines.training_pipeline", "recontrast-training", "recontrast-retrain"),
-    "batch-scoring": ("pipelines.batch_scoring", "recontrast-batch-scoring", "recontrast-batch-scoring"),
+    "training": ("recontrast_core.pipelines.training_pipeline", "recontrast-training", "recontrast-retrain"),
+    "batch-scoring": ("recontrast_core.pipelines.batch_scoring", "recontrast-batch-scoring", "recontrast-batch-scoring"),
 }
 
 

@@ -176,7 +176,7 @@ def _failure(exc: Exception, log: _RunnerLog, log_path: Path) -> UserError:
 
 def run_local_batch_scoring(arguments: dict, pipeline_root: os.PathLike | str = "runs/kfp-local", *,
                             verbose: bool = False) -> dict:
-    """Run the batch-scoring pipeline (:mod:`pipelines.batch_scoring`) on this machine with
+    """Run the batch-scoring pipeline (:mod:`recontrast_core.pipelines.batch_scoring`) on this machine with
     KFP's local runner, as :func:`run_local` does the training pipeline; returns its summary."""
     from kfp import local
 

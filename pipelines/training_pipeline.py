@@ -9,7 +9,7 @@ the same images in adapt and train), ``model_name`` (``registry.model_name``),
 ``pipeline_run_id`` (empty: KFP's run id), ``train_backend`` (``"pod"``: train in the
 train step's GPU pod; ``"trainjob"``: a Kubeflow Trainer TrainJob on ``num_nodes`` x
 ``gpus_per_node`` GPUs, 0 = ``trainjob.*`` of the settings; docs/distributed.md). The local runner lives in
-:mod:`pipelines.local_runner`, the KFP API client in :mod:`pipelines.client`.
+:mod:`recontrast_core.pipelines.local_runner`, the KFP API client in :mod:`recontrast_core.pipelines.client`.
 
 Cluster settings (kfp-kubernetes; ignored by the local runner, compiled into the YAML):
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from kfp import dsl
 from kfp.dsl import Dataset, Input
 
-from components import IMAGE, adapt_op, evaluate_op, ingest_op, register_op, train_job_op, train_op
+from recontrast_core.components import IMAGE, adapt_op, evaluate_op, ingest_op, register_op, train_job_op, train_op
 from recontrast_core.config import PipelineConfig
 
 # Kubernetes objects the compiled pipeline refers to (infra/k8s/base); the TrainJob backend

@@ -1,5 +1,5 @@
 """``recontrast pipeline batch-scoring compile | run --local | submit | schedule``: the
-batch-scoring pipeline (:mod:`pipelines.batch_scoring`), with the verbs of the training
+batch-scoring pipeline (:mod:`recontrast_core.pipelines.batch_scoring`), with the verbs of the training
 pipeline's commands. ``recontrast predict`` runs the same scoring without KFP."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ AsJson = typer.Option(False, "--json", help="Machine-readable output on stdout."
 
 def _arguments(input_uri: str, output_uri: str, model_uri: str, chunk_size: int, device: str,
                run_subfolder: bool) -> dict:
-    from pipelines.batch_scoring import pipeline_arguments
+    from recontrast_core.pipelines.batch_scoring import pipeline_arguments
 
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, not {chunk_size}")
@@ -56,8 +56,8 @@ def compile_cmd(
 ) -> None:
     """Compile the batch-scoring pipeline to KFP IR YAML (image: $RECONTRAST_IMAGE or the default)."""
     with user_errors():
-        from components import IMAGE
-        from pipelines.batch_scoring import compile_pipeline
+        from recontrast_core.components import IMAGE
+        from recontrast_core.pipelines.batch_scoring import compile_pipeline
 
         _show("compiled", {"path": str(compile_pipeline(output)), "image": IMAGE}, as_json)
 
@@ -75,7 +75,7 @@ def run_cmd(
     with user_errors():
         if not local:
             raise UserError("only --local runs here; use `recontrast pipeline batch-scoring submit --host URL`")
-        from pipelines.local_runner import run_local_batch_scoring
+        from recontrast_core.pipelines.local_runner import run_local_batch_scoring
 
         args = _arguments(input_uri, output_uri, model_uri, chunk_size, device, run_subfolder)
         result = run_local_batch_scoring(args, pipeline_root, verbose=verbose)
@@ -91,7 +91,7 @@ def submit_cmd(
 ) -> None:
     """Submit one batch-scoring run to a Kubeflow Pipelines server."""
     with user_errors():
-        from pipelines.client import submit
+        from recontrast_core.pipelines.client import submit
 
         args = _arguments(input_uri, output_uri, model_uri, chunk_size, device, run_subfolder)
         _show("submitted", submit(host, args, experiment=experiment, run_name=run_name, namespace=namespace,
@@ -109,7 +109,7 @@ def schedule_cmd(
 ) -> None:
     """Schedule batch scoring: a KFP recurring run (one at a time, no catch-up)."""
     with user_errors():
-        from pipelines.client import schedule
+        from recontrast_core.pipelines.client import schedule
 
         args = _arguments(input_uri, output_uri, model_uri, chunk_size, device, run_subfolder)
         _show("scheduled", schedule(host, cron, args, job_name=job_name, experiment=experiment, namespace=namespace,

@@ -105,8 +105,8 @@ def demo(
 ) -> dict:
     """Run the whole pipeline locally; returns the register decision plus where to look.
     Settings: the ``demo`` profile; a keyword given here overrides it."""
-    from pipelines.local_runner import run_local
-    from pipelines.training_pipeline import pipeline_arguments
+    from recontrast_core.pipelines.local_runner import run_local
+    from recontrast_core.pipelines.training_pipeline import pipeline_arguments
 
     from ..mlops import tracking
     from .common import console

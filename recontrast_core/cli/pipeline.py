@@ -105,8 +105,8 @@ def compile_cmd(
 ) -> None:
     """Compile the training pipeline to KFP IR YAML (image: $RECONTRAST_IMAGE or the default)."""
     with user_errors():
-        from components import IMAGE
-        from pipelines.training_pipeline import compile_pipeline
+        from recontrast_core.components import IMAGE
+        from recontrast_core.pipelines.training_pipeline import compile_pipeline
 
         path = compile_pipeline(output)
         if as_json:
@@ -144,8 +144,8 @@ def run_cmd(
     with user_errors():
         if not local:
             raise UserError("only --local runs here; use `recontrast pipeline submit --host URL` for a cluster")
-        from pipelines.local_runner import run_local
-        from pipelines.training_pipeline import pipeline_arguments
+        from recontrast_core.pipelines.local_runner import run_local
+        from recontrast_core.pipelines.training_pipeline import pipeline_arguments
 
         cfg = build_pipeline_config(params, _overrides(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
@@ -161,7 +161,7 @@ def run_cmd(
 def _cluster_arguments(params, overrides: dict, sets: list[str]) -> dict:
     """Pipeline parameters for a cluster run. A plain-folder source is copied into the
     ingest artifact there (the later steps run in other pods)."""
-    from pipelines.training_pipeline import pipeline_arguments
+    from recontrast_core.pipelines.training_pipeline import pipeline_arguments
 
     cfg = build_pipeline_config(params, overrides, sets)
     if not cfg.data.dvc_repo and not cfg.data.source.startswith("s3://"):
@@ -198,7 +198,7 @@ def submit_cmd(
 ) -> None:
     """Submit one run to a Kubeflow Pipelines server."""
     with user_errors():
-        from pipelines.client import submit
+        from recontrast_core.pipelines.client import submit
 
         args = _cluster_arguments(params, _overrides(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
@@ -236,7 +236,7 @@ def schedule_cmd(
 ) -> None:
     """Schedule retraining: a KFP recurring run (one at a time, no catch-up)."""
     with user_errors():
-        from pipelines.client import schedule
+        from recontrast_core.pipelines.client import schedule
 
         args = _cluster_arguments(params, _overrides(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,

@@ -55,7 +55,7 @@ TAG_COMPARED_WITH = "compared_with_version"
 # ---------------------------------------------------------------------------------------
 # versions and their metrics (reading the registry: registry_lookup.py)
 # ---------------------------------------------------------------------------------------
-def _ensure_registered_model(client, model_name: str) -> None:
+def ensure_registered_model(client, model_name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -161,7 +161,7 @@ def register_candidate(
     version is created. ``model_uri`` defaults to ``runs:/<run_id>/<artifact_path>``.
     """
     client = client or get_client()
-    _ensure_registered_model(client, model_name)
+    ensure_registered_model(client, model_name)
     with model_lock(client, model_name):
         return _register_locked(client, run_id, model_name, pipeline_run_id, metrics, fingerprint,
                                 model_uri, artifact_path, tags)

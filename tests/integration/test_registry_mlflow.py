@@ -448,7 +448,7 @@ def test_concurrent_register_for_one_pipeline_run_makes_one_version(client, tmp_
         run = client.create_run(_experiment_id(client), tags={"pipeline_run_id": pid})
         tracking.log_bundle(_fake_bundle(tmp_path / str(i), pid), run.info.run_id, "bundle", client=client)
         runs.append(run.info.run_id)
-    registry._ensure_registered_model(client, name)
+    registry.ensure_registered_model(client, name)
     with ThreadPoolExecutor(4) as pool:
         versions = list(pool.map(lambda rid: register_candidate(rid, name, pid, {"image_auroc": 0.9}, FP_A,
                                                                   artifact_path="bundle", client=client), runs))

@@ -4,7 +4,7 @@ API stub of ``test_pipeline_client.py`` (what a real server would receive).
 
 Regenerate the golden file after an intended change with::
 
-    env -u RECONTRAST_IMAGE python -m pipelines.batch_scoring
+    env -u RECONTRAST_IMAGE python -m recontrast_core.pipelines.batch_scoring
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.client import schedule, submit
+from recontrast_core.pipelines.client import schedule, submit
 from tests.unit.test_pipeline_client import _only, kfp_server  # noqa: F401  (the stub server fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def compiled(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kfp") / "batch_scoring.yaml"
     env = {k: v for k, v in os.environ.items() if k != "RECONTRAST_IMAGE"}
     env.update({"AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "MLFLOW_TRACKING_PASSWORD": FAKE_SECRET, "PYTHONPATH": str(REPO)})
-    code = "import sys; from pipelines.batch_scoring import compile_pipeline; compile_pipeline(sys.argv[1])"
+    code = "import sys; from recontrast_core.pipelines.batch_scoring import compile_pipeline; compile_pipeline(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env, check=True, timeout=240)
     return out
 
@@ -52,7 +52,7 @@ def _normalise(text: str) -> list:
 def test_compiled_batch_pipeline_matches_golden(compiled: Path) -> None:
     assert _normalise(compiled.read_text()) == _normalise(GOLDEN.read_text()), (
         "the compiled pipeline differs from pipelines/compiled/batch_scoring.yaml; if intended, regenerate it: "
-        "env -u RECONTRAST_IMAGE python -m pipelines.batch_scoring"
+        "env -u RECONTRAST_IMAGE python -m recontrast_core.pipelines.batch_scoring"
     )
     assert FAKE_SECRET not in compiled.read_text()
 

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from pipelines.client import schedule, submit
+from recontrast_core.pipelines.client import schedule, submit
 
 GOLDEN = Path(__file__).resolve().parents[2] / "pipelines" / "compiled" / "training_pipeline.yaml"
 

@@ -5,7 +5,7 @@ The pipeline is compiled in a fresh interpreter (the component image is read fro
 which must not appear anywhere in the YAML. Regenerate the golden file after an intended
 change with::
 
-    env -u RECONTRAST_IMAGE python -m pipelines.training_pipeline
+    env -u RECONTRAST_IMAGE python -m recontrast_core.pipelines.training_pipeline
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def compiled(tmp_path_factory) -> Path:
         "MLFLOW_TRACKING_PASSWORD": FAKE_SECRET,
         "PYTHONPATH": str(REPO),
     })
-    code = "import sys; from pipelines.training_pipeline import compile_pipeline; compile_pipeline(sys.argv[1])"
+    code = "import sys; from recontrast_core.pipelines.training_pipeline import compile_pipeline; compile_pipeline(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env, check=True, timeout=240)
     return out
 
@@ -102,7 +102,7 @@ def test_compiled_pipeline_matches_golden(compiled: Path) -> None:
     assert GOLDEN.is_file(), f"golden file missing: {GOLDEN}"
     assert _normalise(compiled.read_text()) == _normalise(GOLDEN.read_text()), (
         "the compiled pipeline differs from pipelines/compiled/training_pipeline.yaml; "
-        "if the change is intended, regenerate it: env -u RECONTRAST_IMAGE python -m pipelines.training_pipeline"
+        "if the change is intended, regenerate it: env -u RECONTRAST_IMAGE python -m recontrast_core.pipelines.training_pipeline"
     )
 
 
@@ -243,7 +243,7 @@ def test_adapt_is_conditional_and_images_are_the_project_image(compiled: Path) -
 def test_image_is_overridable_at_compile_time(tmp_path: Path) -> None:
     out = tmp_path / "p.yaml"
     env = dict(os.environ, RECONTRAST_IMAGE="registry.example/ml/recontrast:test", PYTHONPATH=str(REPO))
-    code = "import sys; from pipelines.training_pipeline import compile_pipeline; compile_pipeline(sys.argv[1])"
+    code = "import sys; from recontrast_core.pipelines.training_pipeline import compile_pipeline; compile_pipeline(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env, check=True, timeout=240)
     spec, _ = _docs(out)
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
@@ -257,8 +257,8 @@ def test_local_runs_drop_the_cluster_retries() -> None:
     """KFP's local runner honours retry policies; ``run_local`` runs a copy of the spec
     without them (a bad dataset would otherwise be re-validated for minutes) and leaves
     the pipeline's own spec, the one ``compile`` writes, as it was."""
-    from pipelines.local_runner import _without_retries
-    from pipelines.training_pipeline import training_pipeline
+    from recontrast_core.pipelines.local_runner import _without_retries
+    from recontrast_core.pipelines.training_pipeline import training_pipeline
 
     def retries(spec) -> list[int]:
         dags = [spec.root.dag] + [c.dag for c in spec.components.values() if c.HasField("dag")]

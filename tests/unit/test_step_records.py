@@ -74,7 +74,7 @@ def test_an_undeclared_section_fails_the_check(tmp_path: Path) -> None:
 
 
 def test_the_entry_point_flags_and_components_come_from_the_records() -> None:
-    import components
+    import recontrast_core.components as components
 
     flags = {a.dest for a in parser()._actions}
     for record in step_records():

@@ -116,7 +116,7 @@ def test_one_s3_endpoint_rule(monkeypatch) -> None:
 
 
 def test_pipeline_parameters_are_the_settings_plus_run_values() -> None:
-    from pipelines.training_pipeline import pipeline_arguments, training_pipeline
+    from recontrast_core.pipelines.training_pipeline import pipeline_arguments, training_pipeline
 
     args = pipeline_arguments(PipelineConfig())
     inputs = training_pipeline.component_spec.inputs
@@ -218,7 +218,7 @@ def test_every_field_reaches_its_step_through_cli_dvc_and_kfp(tmp_path, monkeypa
     PipelineConfig in which the step's section holds the new value."""
     from kfp import compiler
 
-    from pipelines.training_pipeline import pipeline_arguments, training_pipeline
+    from recontrast_core.pipelines.training_pipeline import pipeline_arguments, training_pipeline
     from recontrast_core.cli.common import settings_from
 
     base = PipelineConfig()
@@ -255,9 +255,9 @@ def test_every_field_reaches_its_step_through_cli_dvc_and_kfp(tmp_path, monkeypa
 def test_dvc_yaml_deps_agree_with_the_import_graph() -> None:
     """dvc.yaml is generated from the import graph; the file and the graph must agree, and
     a stage depends on its own step module but not on the other steps'."""
-    from pipelines.dvc_stages import main as dvc_stages
+    from recontrast_core.pipelines.dvc_stages import main as dvc_stages
 
-    assert dvc_stages(["--check"]) == 0, "run: python -m pipelines.dvc_stages"
+    assert dvc_stages(["--check"]) == 0, "run: python -m recontrast_core.pipelines.dvc_stages"
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for step, stage in stages.items():
         code = [d for d in stage["deps"] if d.startswith("recontrast_core/")]
