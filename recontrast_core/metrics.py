@@ -32,6 +32,13 @@ from typing import Sequence, Union
 
 import numpy as np
 
+# The metric names, declared once (compute_all's keys; promotion, selection and the CLI read these)
+IMAGE_METRICS = ("image_auroc", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "aupro", "aupro_per_image")
+KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")  # what the registry tags and compares
+RANK_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # what model selection reports per candidate
+REPORTED_METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image", "image_f1_max")  # CLI comparison
+
 ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
 
 #: 8-connectivity for 2-D ground-truth regions, as in MVTec's official evaluation code

@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
-
-KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 BASELINE_PREFIX = "baseline_"  # evaluation writes the baseline's metrics as baseline_<name>
 # ... and the paired bootstrap interval of (model - baseline) as baseline_delta_<name>_lo/_hi
 # (optionally its level as baseline_delta_<name>_confidence, e.g. 0.95).

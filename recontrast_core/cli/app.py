@@ -215,11 +215,13 @@ def selection_table(selection: dict):
     v = selection.get("validation") or {}
     table = Table(title=f"model kinds on the validation split ({v.get('source', '?')}, {v.get('n_images', '?')} "
                         f"images); chosen: {selection.get('chosen')}", header_style="bold")
-    for col in ("kind", "image_auroc", "pixel_auroc", "aupro"):
+    from ..metrics import RANK_METRICS
+
+    for col in ("kind", *RANK_METRICS):
         table.add_column(col, justify="right" if col != "kind" else "left")
     for name, m in (selection.get("candidates") or {}).items():
         mark = " *" if name == selection.get("chosen") else ""
-        table.add_row(name + mark, *(f"{m[k]:.4f}" if k in m else "-" for k in ("image_auroc", "pixel_auroc", "aupro")))
+        table.add_row(name + mark, *(f"{m[k]:.4f}" if k in m else "-" for k in RANK_METRICS))
     best = selection.get("best_training_free") or {}
     if best:
         table.caption = (f"patchknn setting (best of {len(selection.get('grid') or [])} on the grid): "
@@ -234,7 +236,9 @@ def comparison_table(metrics: dict):
     table = Table(title="model vs training-free baseline (same test images)", header_style="bold")
     for col in ("metric", "model", "baseline", "delta"):
         table.add_column(col, justify="right" if col != "metric" else "left")
-    for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image", "image_f1_max"):
+    from ..metrics import REPORTED_METRICS
+
+    for key in REPORTED_METRICS:
         if key in metrics and f"baseline_{key}" in metrics:
             m, b = metrics[key], metrics[f"baseline_{key}"]
             colour = "green" if m >= b else "red"

@@ -27,7 +27,8 @@ import json
 from typing import Any, Callable, Mapping, Optional
 
 from ..errors import UserError
-from ..promotion import KEY_METRICS, Decision, PromotionPolicy, decide_promotion, metric_value
+from ..metrics import KEY_METRICS
+from ..promotion import Decision, PromotionPolicy, decide_promotion, metric_value
 from .registry_lock import LOCK_TAG, RegistryBusy, model_lock  # noqa: F401  (LOCK_TAG, RegistryBusy: for callers)
 from .registry_lookup import (  # noqa: F401  (download_bundle: for callers, registry.download_bundle)
     all_versions,

@@ -411,3 +411,20 @@ def test_paired_bootstrap_is_fast_enough_for_an_evaluation():
 def test_paired_bootstrap_rejects_bad_input(labels, a, b, kwargs, message):
     with pytest.raises(ValueError, match=message):
         paired_bootstrap_delta(np.array(labels), np.array(a), np.array(b), **kwargs)
+
+
+def test_metric_names_are_declared_once_and_match_compute_all():
+    import numpy as np
+
+    from recontrast_core import metrics as M
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((8, 8), bool) for _ in range(4)]
+    masks[2][2:5, 2:5] = True
+    masks[3][1:3, 4:7] = True
+    maps = [rng.random((8, 8)) for _ in range(4)]
+    out = M.compute_all([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], masks, maps)
+    declared = set(M.IMAGE_METRICS) | set(M.PIXEL_METRICS)
+    assert set(out) == declared | {"image_f1_threshold"}
+    for subset in (M.KEY_METRICS, M.RANK_METRICS, M.REPORTED_METRICS):
+        assert set(subset) <= declared

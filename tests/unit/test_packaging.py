@@ -17,7 +17,14 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_the_wheel_installs_nothing_but_recontrast_core(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO_ROOT)],
+    import shutil
+
+    src = tmp_path / "src"  # built from a copy: setuptools writes build/ beside the sources
+    for name in ("recontrast_core", "components", "pipelines"):
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
                          capture_output=True, text=True, timeout=540)
     assert res.returncode == 0, res.stderr[-3000:]
     (wheel,) = tmp_path.glob("recontrast-*.whl")
