@@ -4,7 +4,15 @@ Data fixtures:
 
 * ``magnetic_tile_root``: the real development dataset (``../shared/data/magnetic-tile-dev``
   relative to the repository, or ``$RECONTRAST_DEV_DATA``); the test is skipped with a
-  clear reason where it is absent.
+  clear reason where it is absent. Only for tests about the real data itself (its counts,
+  its file names, its masks' shapes).
+* ``tiles_root`` (session): the dataset the end-to-end and integration paths run on: the
+  real one where it is present, else a synthetic tree of the same layout and defect names
+  (``tests/synthetic_tiles.py``, real PNGs and masks, built once per session in about a
+  second). So CI without ``../shared`` still runs every path. ``tiles_are_synthetic``
+  says which one it is (for checks that only hold on the real images).
+* ``tiny_tile``: a small MVTec-layout subset of ``tiles_root`` (12 train, 4 good + 3
+  blowhole + 3 crack test images with masks) in ``tmp_path``.
 * ``tiny_mvtec``: a small synthetic MVTec-layout dataset in ``tmp_path`` (grayscale PNGs,
   one defect type with masks).
 * ``write_image``: the helper that writes synthetic images (``write_image(path, ...)``).
@@ -13,6 +21,7 @@ Data fixtures:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -88,14 +97,53 @@ def build_tiny_mvtec(
     return root
 
 
+def require_dev_tool(exe: os.PathLike | str, what: str) -> str:
+    """The path of a command-line tool the dev extra installs (next to the interpreter, else
+    on PATH); the test FAILS where it is missing: a missing project tool is a broken test
+    environment, not a reason to skip. (Tools the project does not install, e.g. kubectl,
+    may still skip.)"""
+    import shutil
+
+    exe = Path(exe)
+    if exe.is_file():
+        return str(exe)
+    found = shutil.which(exe.name)
+    if found is None:
+        pytest.fail(f"{what} is not installed: {exe.name} not found next to {sys.executable} nor on PATH "
+                    "(pip install -e '.[dev]')", pytrace=False)
+    return found
+
+
+def real_tiles_present() -> bool:
+    return (MAGNETIC_TILE_DIR / "train" / "good").is_dir()
+
+
 @pytest.fixture
 def magnetic_tile_root() -> Path:
-    if not (MAGNETIC_TILE_DIR / "train" / "good").is_dir():
+    """The real dataset only (skips where it is absent): for tests about its own content."""
+    if not real_tiles_present():
         pytest.skip(
             f"real dev dataset not found at {MAGNETIC_TILE_DIR} (expected ../shared/data/"
             "magnetic-tile-dev next to the repository, or set RECONTRAST_DEV_DATA)"
         )
     return MAGNETIC_TILE_DIR
+
+
+@pytest.fixture(scope="session")
+def tiles_are_synthetic() -> bool:
+    return not real_tiles_present()
+
+
+@pytest.fixture(scope="session")
+def tiles_root(tiles_are_synthetic: bool, tmp_path_factory) -> Path:
+    """magnetic-tile-dev where present, else its synthetic stand-in (never skips).
+
+    Treat it as read-only: it is shared by the whole session (copy what a test changes)."""
+    if not tiles_are_synthetic:
+        return MAGNETIC_TILE_DIR
+    from tests.synthetic_tiles import build_synthetic_tiles
+
+    return build_synthetic_tiles(tmp_path_factory.mktemp("synthetic-tiles") / "magnetic-tile-synthetic")
 
 
 @pytest.fixture
@@ -125,22 +173,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture
-def tiny_tile(magnetic_tile_root: Path, tmp_path: Path) -> Path:
-    """A small real MVTec-layout subset of magnetic-tile-dev (12 train, 4 good + 6 defective test)."""
+def tiny_tile(tiles_root: Path, tmp_path: Path) -> Path:
+    """A small MVTec-layout subset of ``tiles_root`` (12 train, 4 good + 6 defective test)."""
     import shutil
 
     dst = tmp_path / "tiny_tile"
 
     def copy(rel: Path) -> None:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(magnetic_tile_root / rel, dst / rel)
+        shutil.copy(tiles_root / rel, dst / rel)
 
-    for f in sorted((magnetic_tile_root / "train/good").iterdir())[:12]:
-        copy(f.relative_to(magnetic_tile_root))
-    for f in sorted((magnetic_tile_root / "test/good").iterdir())[:4]:
-        copy(f.relative_to(magnetic_tile_root))
+    for f in sorted((tiles_root / "train/good").iterdir())[:12]:
+        copy(f.relative_to(tiles_root))
+    for f in sorted((tiles_root / "test/good").iterdir())[:4]:
+        copy(f.relative_to(tiles_root))
     for defect in ("blowhole", "crack"):
-        for f in sorted((magnetic_tile_root / "test" / defect).iterdir())[:3]:
-            copy(f.relative_to(magnetic_tile_root))
+        for f in sorted((tiles_root / "test" / defect).iterdir())[:3]:
+            copy(f.relative_to(tiles_root))
             copy(Path("ground_truth") / defect / f"{f.stem}_mask.png")
     return dst

@@ -1,11 +1,10 @@
 """The adapt branch of the pipeline, locally, as ``recontrast pipeline run --local --params``.
 
-ingest -> adapt (MSC) -> train -> evaluate -> register on a small real subset of
-magnetic-tile-dev (8 normal training images, 2 good + 2 cracked test images), embedded
-defaults (SQLite MLflow in the working folder, KFP's local runner). Every adapt setting
+ingest -> adapt (MSC) -> train -> evaluate -> register on a small subset of ``tiles_root``
+(magnetic-tile-dev, or its synthetic stand-in: 8 normal training images, 2 good + 2 cracked
+test images), embedded defaults (SQLite MLflow in the working folder, KFP's local runner). Every adapt setting
 travels in the pipeline's one ``settings`` parameter; the adapted encoder's metadata must
 show every one of them, and the trained bundle must have started from that encoder.
-Skipped without the dataset.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ ADAPT = {"epochs": 1, "batch_size": 8, "lr": 0.003, "angular_weight": 32.0, "cro
          "hflip": False, "seed": 3}
 
 
-def test_local_pipeline_adapts_with_every_setting(magnetic_tile_root: Path, tmp_path: Path) -> None:
-    data = copy_subset(magnetic_tile_root, tmp_path / "tiles")
+def test_local_pipeline_adapts_with_every_setting(tiles_root: Path, tmp_path: Path) -> None:
+    data = copy_subset(tiles_root, tmp_path / "tiles")
     params = {
         "data": {"source": str(data)},
         "adapt_method": "msc",

@@ -3,7 +3,8 @@ pipeline run --local --params``, embedded SQLite MLflow, KFP's local runner): ``
 trains on 8 normal images, and the training-free baseline beside the evaluation is fitted on
 the same 8 shots (before, it used every normal image, so an 8-shot model could never pass
 the floor). The gate's decision states the paired bootstrap interval; the candidate is
-promoted when it is not significantly below that baseline. Skipped without the dataset."""
+promoted when it is not significantly below that baseline. Runs on ``tiles_root``
+(magnetic-tile-dev, or its synthetic stand-in)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ from tests.conftest import REPO_ROOT
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def test_eight_shots_are_compared_with_an_eight_shot_baseline(magnetic_tile_root: Path, tmp_path: Path) -> None:
+def test_eight_shots_are_compared_with_an_eight_shot_baseline(tiles_root: Path, tmp_path: Path) -> None:
     data = tmp_path / "tiles"
     for sub, n in (("train/good", 24), ("test/good", 8), ("test/blowhole", 8)):
         (data / sub).mkdir(parents=True)
-        for f in sorted((magnetic_tile_root / sub).iterdir())[:n]:
+        for f in sorted((tiles_root / sub).iterdir())[:n]:
             shutil.copy(f, data / sub / f.name)
     params = {
         "data": {"source": str(data)},

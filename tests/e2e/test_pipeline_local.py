@@ -3,8 +3,9 @@
 ingest -> train -> evaluate -> register through ``kfp.local.SubprocessRunner(use_venv=False)``
 (the CLI's ``run_local``; every step in its own process), against real servers on loopback:
 
-* the dataset is a small real subset of ``../shared/data/magnetic-tile-dev`` (8 normal
-  training images, 2 normal + 2 cracked test images with masks), DVC-tracked in a tmp git
+* the dataset is a small subset of ``tiles_root`` (``../shared/data/magnetic-tile-dev``, or
+  its synthetic stand-in where that is absent: 8 normal training images, 2 normal + 2
+  cracked test images with masks), DVC-tracked in a tmp git
   repository whose default remote is a moto S3 server; it is pushed, then the DVC cache
   and the workspace copy are deleted, so ingest (by repo + revision) pulls from S3;
 * MLflow is a real ``mlflow server`` (SQLite backend) whose artifact store is the same
@@ -14,14 +15,14 @@ ingest -> train -> evaluate -> register through ``kfp.local.SubprocessRunner(use
   pipeline's one ``settings`` parameter.
 
 The repository has two tagged revisions of the dataset: ``good`` and ``bad`` (the same
-plus a truncated JPEG in ``train/good``). The first test runs ``good`` and checks MLflow
+plus a truncated image, named ``.jpg``, in ``train/good``). The first test runs ``good`` and checks MLflow
 (parent + child runs, tags, params, metrics, artifacts on S3), the registry (a first
 model over a 0.0 floor becomes ``champion``), the pyfunc model loaded back from
 ``models:/<name>@champion`` and that no credential value reached MLflow or the logs.
 The second runs ``bad``: the pipeline fails at ingest naming the file and nothing is
 registered.
 
-Skipped where the real dataset or the ``dvc`` executable is absent.
+Fails (not skips) where the ``dvc`` executable of the pipeline extra is absent.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import MAGNETIC_TILE_DIR, REPO_ROOT
+from tests.conftest import REPO_ROOT, require_dev_tool
 from tests.integration.conftest import ARTIFACT_BUCKET
 from tests.integration.test_ingest import (
     DVC,
@@ -95,13 +96,10 @@ def pipeline_env(moto_s3, mlflow_server) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_repo(moto_s3, pipeline_env, tmp_path_factory) -> dict:
+def data_repo(moto_s3, pipeline_env, tiles_root, tmp_path_factory) -> dict:
     """git + DVC repository: ``data/tiles`` at tags ``good`` and ``bad``, pushed to the
     S3 remote on moto; the DVC cache and the workspace data are deleted."""
-    if not (MAGNETIC_TILE_DIR / "train" / "good").is_dir():
-        pytest.skip(f"real dev dataset not found at {MAGNETIC_TILE_DIR}")
-    if not DVC.exists():
-        pytest.skip(f"dvc not installed next to {sys.executable}")
+    dvc = require_dev_tool(DVC, "dvc (the pipeline extra)")
     s3 = moto_s3.client()
     try:
         s3.create_bucket(Bucket=DVC_BUCKET)
@@ -111,27 +109,27 @@ def data_repo(moto_s3, pipeline_env, tmp_path_factory) -> dict:
     repo = tmp_path_factory.mktemp("e2e") / "datarepo"
     repo.mkdir()
     _run(["git", "init", "-q", "-b", "main"], repo, env)
-    _run([DVC, "init", "-q"], repo, env)
-    _run([DVC, "config", "core.analytics", "false"], repo, env)
-    _run([DVC, "remote", "add", "-d", "storage", f"s3://{DVC_BUCKET}/datarepo"], repo, env)
-    _run([DVC, "remote", "modify", "storage", "endpointurl", moto_s3.endpoint_url], repo, env)
+    _run([dvc, "init", "-q"], repo, env)
+    _run([dvc, "config", "core.analytics", "false"], repo, env)
+    _run([dvc, "remote", "add", "-d", "storage", f"s3://{DVC_BUCKET}/datarepo"], repo, env)
+    _run([dvc, "remote", "modify", "storage", "endpointurl", moto_s3.endpoint_url], repo, env)
 
     tiles = repo / DATA_PATH
-    copy_subset(MAGNETIC_TILE_DIR, tiles, n_train=N_TRAIN)
-    _run([DVC, "add", DATA_PATH], repo, env)
+    copy_subset(tiles_root, tiles, n_train=N_TRAIN)
+    _run([dvc, "add", DATA_PATH], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "-m", "data: good"], repo, env)
     _run(["git", "tag", "good"], repo, env)
     good_commit = _run(["git", "rev-parse", "HEAD"], repo, env)
 
-    # A truncated JPEG: the first half of a real training image.
+    # A truncated image: the first half of a training image (JPEG real, PNG synthetic).
     first = sorted((tiles / "train" / "good").iterdir())[0].read_bytes()
     (tiles / "train" / "good" / BAD_FILE).write_bytes(first[: len(first) // 2])
-    _run([DVC, "add", DATA_PATH], repo, env)
+    _run([dvc, "add", DATA_PATH], repo, env)
     _run(["git", "commit", "-q", "-am", "data: bad"], repo, env)
     _run(["git", "tag", "bad"], repo, env)
 
-    _run([DVC, "push", "-q", "--all-commits"], repo, env)
+    _run([dvc, "push", "-q", "--all-commits"], repo, env)
     shutil.rmtree(repo / ".dvc" / "cache")
     shutil.rmtree(tiles)
     assert s3.list_objects_v2(Bucket=DVC_BUCKET, Prefix="datarepo/").get("KeyCount", 0) > 0
@@ -183,7 +181,7 @@ def text_files(root: Path, max_bytes: int = 2_000_000) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------
-def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_server, moto_s3, tmp_path):
+def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_server, moto_s3, tiles_root, tmp_path):
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
@@ -292,7 +290,7 @@ def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_s
     assert set(client.get_registered_model(model_name).aliases) == {"champion"}
 
     # -- the pyfunc model from the registry scores an image path
-    img = sorted((MAGNETIC_TILE_DIR / "test" / "crack").iterdir())[0]
+    img = sorted((tiles_root / "test" / "crack").iterdir())[0]
     mlflow.set_tracking_uri(mlflow_server.url)
     mlflow.set_registry_uri(mlflow_server.url)
     try:

@@ -3,7 +3,7 @@
 evaluate (no AUROC: the false-positive rate, the score distribution and the synthetic
 AUROC, with the note), register (the gate compares synthetic_image_auroc, which both the
 candidate and the baseline have). Embedded defaults: SQLite MLflow in the working folder,
-KFP's local runner. Skipped without the dataset."""
+KFP's local runner. Runs on ``tiles_root`` (magnetic-tile-dev, or its synthetic stand-in)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from tests.conftest import REPO_ROOT
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def test_normal_only_folder_through_the_local_pipeline(magnetic_tile_root: Path, tmp_path: Path) -> None:
+def test_normal_only_folder_through_the_local_pipeline(tiles_root: Path, tmp_path: Path) -> None:
     data = tmp_path / "normal_only"
     data.mkdir()
-    for f in sorted((magnetic_tile_root / "train" / "good").iterdir())[:16]:
+    for f in sorted((tiles_root / "train" / "good").iterdir())[:16]:
         shutil.copy(f, data / f.name)  # a plain folder of normal photographs, nothing else
     params = {
         "data": {"source": str(data), "layout": "labelme"},  # no JSON at all: every image is normal

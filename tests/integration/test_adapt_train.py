@@ -1,6 +1,7 @@
-"""CI-sized end to end on real images: MSC adapt -> ReContrast training from the adapted encoder.
+"""CI-sized end to end: MSC adapt -> ReContrast training from the adapted encoder.
 
-A few normal training images of magnetic-tile-dev at 64 px, one MSC epoch, then
+A few normal training images of ``tiles_root`` (magnetic-tile-dev, or its synthetic
+stand-in where that is absent) at 64 px, one MSC epoch, then
 ``train_model(..., init_encoder=<encoder.safetensors>)`` for 2 iterations. Checks that the
 trainable encoder and its frozen copy both *start* from the adapted weights (captured when
 the trainer is built) and that the frozen copy still holds them in the written bundle.
@@ -23,8 +24,8 @@ from recontrast_core.models.backbones import create_encoder, read_state_dict
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def test_msc_adapt_then_train_starts_from_adapted_weights(magnetic_tile_root: Path, tmp_path: Path, monkeypatch) -> None:
-    manifest = read_dataset(magnetic_tile_root)
+def test_msc_adapt_then_train_starts_from_adapted_weights(tiles_root: Path, tmp_path: Path, monkeypatch) -> None:
+    manifest = read_dataset(tiles_root)
     few = sample_shots(manifest, 8, seed=0)
     # lr 1e-3 (not the paper's 1e-5) so two steps move the weights measurably
     cfg = AdaptConfig(method="msc", image_size=64, epochs=1, batch_size=4, device="cpu", lr=1e-3, freeze_levels=2)

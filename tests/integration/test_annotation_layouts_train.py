@@ -1,5 +1,6 @@
 """Training and evaluation from LabelMe and COCO annotations give the MVTec metrics, and a
-normal-only dataset trains and evaluates (real magnetic-tile-dev images, tiny model, CPU).
+normal-only dataset trains and evaluates (``tiles_root``: magnetic-tile-dev images, or their
+synthetic stand-in where the real data is absent; tiny model, CPU).
 
 Why the comparison is meaningful: the LabelMe and COCO versions are written from the same
 small MVTec subset (8 training normals, 4 normal + 6 defective test images) with
@@ -38,8 +39,8 @@ CFG = TrainConfig(image_size=64, iterations=2, batch_size=4, decoder_blocks=(1, 
 BASELINE = BaselineConfig(fraction=0.2)
 
 
-def test_labelme_and_coco_give_the_mvtec_metrics(magnetic_tile_root, tmp_path):
-    sub = small_subset(magnetic_tile_root, tmp_path / "mvtec")
+def test_labelme_and_coco_give_the_mvtec_metrics(tiles_root, tmp_path):
+    sub = small_subset(tiles_root, tmp_path / "mvtec")
     versions = {
         "mvtec": read_mvtec(sub),
         "labelme": read_labelme(write_labelme(sub, tmp_path / "labelme")),
@@ -63,7 +64,7 @@ def test_labelme_and_coco_give_the_mvtec_metrics(magnetic_tile_root, tmp_path):
             assert metrics[name][key] == pytest.approx(value, abs=TOLERANCE), (name, key, metrics[name][key], value)
 
 
-def test_normal_only_dataset_trains_evaluates_and_checks(magnetic_tile_root, tmp_path):
+def test_normal_only_dataset_trains_evaluates_and_checks(tiles_root, tmp_path):
     """No anomalous image anywhere: a LabelMe folder without annotations (the hash split
     holds out ~20% of the normal images): training and calibration as usual; evaluation
     reports the false-positive rate at the threshold, the score distribution and the
@@ -74,7 +75,7 @@ def test_normal_only_dataset_trains_evaluates_and_checks(magnetic_tile_root, tmp
 
     root = tmp_path / "normal_only"
     root.mkdir()
-    for f in sorted((magnetic_tile_root / "train" / "good").iterdir())[:20]:
+    for f in sorted((tiles_root / "train" / "good").iterdir())[:20]:
         shutil.copy(f, root / f.name)
     manifest = read_labelme(root)
     report = validate_manifest(manifest)

@@ -1,7 +1,8 @@
 """Batch scoring (``recontrast predict`` with s3:// inputs/outputs or a registry model)
 against real servers on loopback: a moto S3 server and ``mlflow server`` (conftest.py), real
-magnetic-tile images (skipped where ../shared/data/magnetic-tile-dev is absent) and a tiny
-real bundle (64 px, 2 iterations, one block per decoder stage, CPU).
+magnetic-tile images (``tiles_root``: ../shared/data/magnetic-tile-dev, or its synthetic
+stand-in where that is absent) and a tiny real bundle (64 px, 2 iterations, one block per
+decoder stage, CPU).
 
 The restart test kills the CLI with SIGKILL once some parts are committed, runs it again
 and checks the final table: every image exactly once, the corrupt file as an error row,
@@ -23,8 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAGNETIC_TILE_DIR
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,22 +32,15 @@ N_IMAGES = 20
 CHUNK = 3
 
 
-def _need_data() -> None:
-    if not (MAGNETIC_TILE_DIR / "test").is_dir():
-        pytest.skip(f"real dev dataset not found at {MAGNETIC_TILE_DIR} (expected ../shared/data/magnetic-tile-dev "
-                    "next to the repository, or set RECONTRAST_DEV_DATA)")
-
-
-def _images(n: int) -> list[Path]:
-    """``n`` real test images, spread over the defect folders."""
-    folders = sorted(p for p in (MAGNETIC_TILE_DIR / "test").iterdir() if p.is_dir())
+def _images(root: Path, n: int) -> list[Path]:
+    """``n`` test images of ``root``, spread over the defect folders."""
+    folders = sorted(p for p in (root / "test").iterdir() if p.is_dir())
     per = -(-n // len(folders))
     return [f for d in folders for f in sorted(d.iterdir())[:per]][:n]
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> Path:
-    _need_data()
+def tiny_bundle(tiles_root, tmp_path_factory) -> Path:
     from recontrast_core.config import TrainConfig
     from recontrast_core.data.layouts import read_mvtec
     from recontrast_core.train import train_model
@@ -56,12 +48,12 @@ def tiny_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("batch-train")
     data = root / "tiles"
     for rel, n in (("train/good", 8), ("test/good", 2), ("test/crack", 2)):
-        for f in sorted((MAGNETIC_TILE_DIR / rel).iterdir())[:n]:
+        for f in sorted((tiles_root / rel).iterdir())[:n]:
             (data / rel).mkdir(parents=True, exist_ok=True)
             shutil.copy(f, data / rel / f.name)
             if rel == "test/crack":
                 (data / "ground_truth/crack").mkdir(parents=True, exist_ok=True)
-                shutil.copy(MAGNETIC_TILE_DIR / "ground_truth/crack" / f"{f.stem}_mask.png", data / "ground_truth/crack")
+                shutil.copy(tiles_root / "ground_truth/crack" / f"{f.stem}_mask.png", data / "ground_truth/crack")
     cfg = TrainConfig(image_size=64, iterations=2, batch_size=4, decoder_blocks=(1, 1, 1), bottleneck_blocks=1,
                       device="cpu", log_every=1, checkpoint_every=2)
     return train_model(read_mvtec(data), cfg, root / "run", progress=False).bundle_dir
@@ -85,14 +77,13 @@ def _table(s3, bucket: str, key: str):
 
 
 @pytest.fixture
-def bucket_with_images(moto_s3) -> tuple[str, list[str]]:
-    """A fresh bucket: 20 real images and a corrupt PNG under incoming/ (and a non-image,
+def bucket_with_images(moto_s3, tiles_root) -> tuple[str, list[str]]:
+    """A fresh bucket: 20 test images and a corrupt PNG under incoming/ (and a non-image,
     which is not scored); returns the bucket and the URIs that must be scored."""
-    _need_data()
     s3, bucket = moto_s3.client(), f"batch-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     expected = []
-    for f in _images(N_IMAGES):
+    for f in _images(tiles_root, N_IMAGES):
         key = f"incoming/{f.parent.name}/{f.name}"
         s3.upload_file(str(f), bucket, key)
         expected.append(f"s3://{bucket}/{key}")
@@ -174,13 +165,13 @@ def _register_champion(tiny_bundle: Path, name: str) -> tuple[str, str]:
     return version, run.info.run_id
 
 
-def test_registry_champion_and_run_uris(tiny_bundle, mlflow_tracking, moto_s3, tmp_path) -> None:
+def test_registry_champion_and_run_uris(tiny_bundle, mlflow_tracking, moto_s3, tiles_root, tmp_path) -> None:
     """``--model models:/NAME@champion`` (CLI, real mlflow server) and ``runs:/`` (library)."""
     name = f"batch-{uuid.uuid4().hex[:6]}"
     version, run_id = _register_champion(tiny_bundle, name)
     folder = tmp_path / "images"
     folder.mkdir()
-    for f in _images(3):
+    for f in _images(tiles_root, 3):
         shutil.copy(f, folder / f.name)
     s3, bucket = moto_s3.client(), f"reg-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
@@ -210,7 +201,7 @@ def test_registry_champion_and_run_uris(tiny_bundle, mlflow_tracking, moto_s3, t
 @pytest.mark.parametrize("case", ["unknown input bucket", "unknown output bucket", "missing model", "no alias",
                                   "bad model URI", "bad input URI"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tiny_bundle, mlflow_tracking, moto_s3,
-                                                           monkeypatch, tmp_path) -> None:
+                                                           tiles_root, monkeypatch, tmp_path) -> None:
     from typer.testing import CliRunner
 
     from recontrast_core.cli.app import app
@@ -219,7 +210,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tiny_bundle, mlf
         monkeypatch.setenv(key, value)
     s3, bucket = moto_s3.client(), f"bad-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
-    s3.upload_file(str(_images(1)[0]), bucket, "in/a.jpg")
+    s3.upload_file(str(_images(tiles_root, 1)[0]), bucket, "in/a.jpg")
     good_in, good_out, model = f"s3://{bucket}/in/", f"s3://{bucket}/out/", str(tiny_bundle)
     name = f"{case.split()[0]}-{uuid.uuid4().hex[:6]}"
     if case == "no alias":  # registered, but no version is the champion
@@ -241,14 +232,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tiny_bundle, mlf
     assert not _keys(s3, bucket, "out/")
 
 
-def test_local_kfp_run_of_the_batch_pipeline(tiny_bundle, tmp_path) -> None:
+def test_local_kfp_run_of_the_batch_pipeline(tiny_bundle, tiles_root, tmp_path) -> None:
     """The compiled component, run by KFP's local runner, scores a folder into a folder."""
-    from pipelines.batch_scoring import pipeline_arguments
-    from pipelines.local_runner import run_local_batch_scoring
+    from recontrast_core.pipelines.batch_scoring import pipeline_arguments
+    from recontrast_core.pipelines.local_runner import run_local_batch_scoring
 
     folder = tmp_path / "images"
     folder.mkdir()
-    for f in _images(2):
+    for f in _images(tiles_root, 2):
         shutil.copy(f, folder / f.name)
     (folder / "broken.png").write_bytes(b"")
     args = pipeline_arguments(str(folder), str(tmp_path / "scores"), str(tiny_bundle), chunk_size=2,
@@ -259,7 +250,7 @@ def test_local_kfp_run_of_the_batch_pipeline(tiny_bundle, tmp_path) -> None:
     assert len(list((tmp_path / "scores" / "parts").glob("part-*.parquet"))) == 2
 
 
-def test_a_fused_bundle_batch_scores_like_its_detector(tiny_bundle, moto_s3, bucket_with_images) -> None:
+def test_a_fused_bundle_batch_scores_like_its_detector(tiny_bundle, moto_s3, bucket_with_images, tiles_root) -> None:
     """Batch scoring is kind-agnostic: a fused bundle (ReContrast at 64 px inside a 96 px
     patch-kNN graph) scores S3 -> S3 exactly as its own Detector does on the same files."""
     import torch
@@ -283,7 +274,7 @@ def test_a_fused_bundle_batch_scores_like_its_detector(tiny_bundle, moto_s3, buc
     assert sorted(table) == sorted(expected)
     det = load_detector(fused, "cpu")
     assert det.kind == "fused"
-    local = {f"s3://{bucket}/incoming/{f.parent.name}/{f.name}": f for f in _images(N_IMAGES)}
+    local = {f"s3://{bucket}/incoming/{f.parent.name}/{f.name}": f for f in _images(tiles_root, N_IMAGES)}
     ref = dict(zip(local, det.predict(list(local.values()))))
     for uri, row in ref.items():
         assert table[uri]["score"] == pytest.approx(row["score"], rel=1e-6, abs=1e-7)

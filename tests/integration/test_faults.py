@@ -1,7 +1,11 @@
 """A CI-sized subset of the fault-injection suite (benchmarks/faults.py): kill -9 during
 training then resume, concurrent registry writers against a real mlflow server, and S3
 behind a proxy that resets connections, answers 500 and stalls. The full suite's figures
-are in docs/reliability.md."""
+are in docs/reliability.md.
+
+The images are ``tiles_root``'s (magnetic-tile-dev, or its synthetic stand-in where that is
+absent), copied where the suite looks first (``faults.tiny_dataset``). A missing or broken
+benchmarks/faults.py is an error, not a skip."""
 
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-faults = pytest.importorskip("faults")
+import faults  # noqa: E402  (benchmarks/faults.py: a missing module fails, never skips)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_result(magnetic_tile_root, tmp_path):
+def test_kill_9_then_resume_gives_the_uninterrupted_result(tiles_root, tmp_path):
+    faults.tiny_dataset(tmp_path, src=tiles_root)  # the trials reuse tmp_path/tiles
     report = faults.kill_trials(2, tmp_path, seed=1)
     assert report["ok"] == 2, report["trials"]
     assert report["killed"] >= 1, report["trials"]  # at least one trial really was killed mid-run
@@ -33,7 +38,8 @@ def test_concurrent_registry_writers(mlflow_server_local, tmp_path):
     assert seq["worse_promotions"] == 0 and seq["broken_invariants"] == 0, seq["details"]
 
 
-def test_s3_faults_ingest_and_bundle_upload_finish_intact(magnetic_tile_root, tmp_path):
+def test_s3_faults_ingest_and_bundle_upload_finish_intact(tiles_root, tmp_path):
+    faults.tiny_dataset(tmp_path, src=tiles_root)  # the trials reuse tmp_path/tiles
     report = faults.s3_faults(1, tmp_path)
     assert report["ingest"][0] == {**report["ingest"][0], "ok": True, "identical": True, "partial_files": []}
     assert report["mlflow_bundle"][0]["ok"] and report["mlflow_bundle"][0]["identical"]

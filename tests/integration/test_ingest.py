@@ -8,8 +8,10 @@
   through ``DVCFileSystem`` (from the remote);
 * a bad dataset fails at ingest with the validation error naming the file.
 
-Data: a small real subset (8 normal training images, 2 normal + 2 cracked test images with
-their masks) of ``../shared/data/magnetic-tile-dev``; skipped where it is absent.
+Data: a small subset (8 normal training images, 2 normal + 2 cracked test images with
+their masks) of ``tiles_root``: ``../shared/data/magnetic-tile-dev``, or its synthetic
+stand-in (tests/synthetic_tiles.py) where that is absent. The DVC tests fail (not skip)
+where the ``dvc`` executable of the pipeline extra is missing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from recontrast_core.steps import artifacts
 from recontrast_core.steps.settings import apply_overrides
 from recontrast_core.data.manifest import Manifest
 from recontrast_core.errors import DataValidationError, UserError
+from tests.conftest import require_dev_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -40,7 +43,8 @@ GIT_ENV = {
 
 
 def copy_subset(src: Path, dst: Path, n_train: int = N_TRAIN) -> Path:
-    """A small MVTec-layout copy of the real dataset (sorted, so deterministic)."""
+    """A small MVTec-layout copy of ``src`` (the dev dataset or its synthetic stand-in;
+    sorted, so deterministic)."""
     def take(folder: str, n: int) -> list[Path]:
         files = sorted(p for p in (src / folder).iterdir() if not p.name.startswith("."))[:n]
         for f in files:
@@ -58,8 +62,8 @@ def copy_subset(src: Path, dst: Path, n_train: int = N_TRAIN) -> Path:
 
 
 @pytest.fixture
-def subset(magnetic_tile_root: Path, tmp_path: Path) -> Path:
-    return copy_subset(magnetic_tile_root, tmp_path / "tiles")
+def subset(tiles_root: Path, tmp_path: Path) -> Path:
+    return copy_subset(tiles_root, tmp_path / "tiles")
 
 
 def _info(out: Path) -> dict:
@@ -190,11 +194,10 @@ def _run(cmd: list, cwd: Path, env: dict) -> str:
 
 
 @pytest.fixture
-def dvc_repo(moto_s3, magnetic_tile_root: Path, tmp_path: Path, monkeypatch):
+def dvc_repo(moto_s3, tiles_root: Path, tmp_path: Path, monkeypatch):
     """A git+DVC repo with data/tiles at two revisions, pushed to both remotes; the DVC
     cache and the workspace data are deleted afterwards."""
-    if not DVC.exists():
-        pytest.skip(f"dvc not installed next to {sys.executable}")
+    dvc = require_dev_tool(DVC, "dvc (the pipeline extra)")
     for key, value in moto_s3.env().items():
         monkeypatch.setenv(key, value)
     moto_s3.client().create_bucket(Bucket="dvc-store")
@@ -202,26 +205,26 @@ def dvc_repo(moto_s3, magnetic_tile_root: Path, tmp_path: Path, monkeypatch):
     repo = tmp_path / "datarepo"
     repo.mkdir()
     _run(["git", "init", "-q", "-b", "main"], repo, env)
-    _run([DVC, "init", "-q"], repo, env)
-    _run([DVC, "config", "core.analytics", "false"], repo, env)
+    _run([dvc, "init", "-q"], repo, env)
+    _run([dvc, "config", "core.analytics", "false"], repo, env)
     local_remote = tmp_path / "dvc-remote"
-    _run([DVC, "remote", "add", "-d", "localremote", local_remote], repo, env)
-    _run([DVC, "remote", "add", "s3remote", "s3://dvc-store/datarepo"], repo, env)
-    _run([DVC, "remote", "modify", "s3remote", "endpointurl", moto_s3.endpoint_url], repo, env)
+    _run([dvc, "remote", "add", "-d", "localremote", local_remote], repo, env)
+    _run([dvc, "remote", "add", "s3remote", "s3://dvc-store/datarepo"], repo, env)
+    _run([dvc, "remote", "modify", "s3remote", "endpointurl", moto_s3.endpoint_url], repo, env)
 
-    copy_subset(magnetic_tile_root, repo / "data" / "tiles", n_train=N_TRAIN - 2)
-    _run([DVC, "add", "data/tiles"], repo, env)
+    copy_subset(tiles_root, repo / "data" / "tiles", n_train=N_TRAIN - 2)
+    _run([dvc, "add", "data/tiles"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "-m", "data v1"], repo, env)
     _run(["git", "tag", "v1"], repo, env)
     rev1 = _run(["git", "rev-parse", "HEAD"], repo, env)
     shutil.rmtree(repo / "data" / "tiles")
-    copy_subset(magnetic_tile_root, repo / "data" / "tiles", n_train=N_TRAIN)
-    _run([DVC, "add", "data/tiles"], repo, env)
+    copy_subset(tiles_root, repo / "data" / "tiles", n_train=N_TRAIN)
+    _run([dvc, "add", "data/tiles"], repo, env)
     _run(["git", "commit", "-q", "-am", "data v2"], repo, env)
     rev2 = _run(["git", "rev-parse", "HEAD"], repo, env)
-    _run([DVC, "push", "-q", "--all-commits"], repo, env)
-    _run([DVC, "push", "-q", "--all-commits", "-r", "s3remote"], repo, env)
+    _run([dvc, "push", "-q", "--all-commits"], repo, env)
+    _run([dvc, "push", "-q", "--all-commits", "-r", "s3remote"], repo, env)
 
     shutil.rmtree(repo / ".dvc" / "cache")
     shutil.rmtree(repo / "data" / "tiles")
