@@ -223,9 +223,16 @@ def selection_table(selection: dict):
         mark = " *" if name == selection.get("chosen") else ""
         table.add_row(name + mark, *(f"{m[k]:.4f}" if k in m else "-" for k in RANK_METRICS))
     best = selection.get("best_training_free") or {}
+    notes = []
     if best:
-        table.caption = (f"patchknn setting (best of {len(selection.get('grid') or [])} on the grid): "
-                         f"{best.get('backbone')} {best.get('image_size')} px, input statistics {best.get('input_stats')}")
+        notes.append(f"patchknn setting (best of {len(selection.get('grid') or [])} on the grid): "
+                     f"{best.get('backbone')} {best.get('image_size')} px, input statistics {best.get('input_stats')}")
+    fis = selection.get("fused_image_score") or {}
+    if fis:
+        notes.append(f"fused image score from {fis.get('chosen')} (validation image AUROC "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in (fis.get("image_auroc") or {}).items()) + ")")
+    if notes:
+        table.caption = "\n".join(notes)
     return table
 
 

@@ -142,9 +142,11 @@ def log_selection(kind: str, selection: Optional[Mapping[str, Any]], run_id: Opt
                   client=None) -> dict[str, float]:
     """The model kind a train step shipped (tag ``model_kind``) and, for ``model.kind: auto``,
     every candidate's and grid setting's validation metrics (``selection/<candidate>/<metric>``,
-    ``selection/grid/<backbone>_<size>_<stats>/image_auroc``)."""
-    set_tags({"model_kind": kind, **({"selection_rule": selection.get("rule", "")} if selection else {})},
-             run_id, client)
+    ``selection/grid/<backbone>_<size>_<stats>/image_auroc``) and the fused candidate's
+    image-score sources (tag ``fused_image_score``)."""
+    fis = (selection or {}).get("fused_image_score") or {}
+    set_tags({"model_kind": kind, **({"selection_rule": selection.get("rule", "")} if selection else {}),
+              **({"fused_image_score": fis["chosen"]} if fis.get("chosen") else {})}, run_id, client)
     if not selection:
         return {}
     flat: dict[str, float] = {}
@@ -154,6 +156,8 @@ def log_selection(kind: str, selection: Optional[Mapping[str, Any]], run_id: Opt
     for rec in selection.get("grid") or []:
         tag = f"{rec['backbone']}_{rec['image_size']}_{rec['input_stats']}"
         flat[f"selection/grid/{tag}/image_auroc"] = rec["image_auroc"]
+    for source, value in (fis.get("image_auroc") or {}).items():
+        flat[f"selection/fused_image_score/{source}/image_auroc"] = value
     for key, value in (selection.get("wall_time_s") or {}).items():
         flat[f"selection/wall_time_s/{key}"] = value
     return log_metrics(flat, run_id, client=client)
