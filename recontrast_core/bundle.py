@@ -35,7 +35,7 @@ from .errors import UserError, first_line
 from .data.cache import batch_slices
 from .models.kinds import get_kind
 from .models.recontrast import ReContrast, ReContrastScorer
-from .runtime import amp_dtype_for, read_safetensors, resolve_device
+from .runtime import amp_dtype_for, honour_umask, read_safetensors, resolve_device
 from .scoring import ScoringHead
 
 BUNDLE_FORMAT = "recontrast-bundle/1"
@@ -81,6 +81,7 @@ def save_bundle(
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in scorer.bundle_state().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
+    honour_umask(tmp / WEIGHTS_FILE)  # safetensors writes 0600
     meta = {
         "format": BUNDLE_FORMAT,
         "library_version": __version__,

@@ -21,7 +21,7 @@ from .calibration import normalise
 from .data.images import is_image_filename
 from .errors import UserError
 from .plots import overlay
-from .runtime import atomic_write, ensure_output_dir
+from .runtime import atomic_write, ensure_output_dir, honour_umask
 
 from .filenames import RESULTS_FILE  # noqa: E402
 
@@ -72,6 +72,7 @@ def predict_paths(
     staging = None
     if out is not None and overlays:
         staging = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out))
+        honour_umask(staging, directory=True)  # mkdtemp makes it 0700
     try:
         step = detector.inference.batch_size
         with track_steps("predict", len(files), enabled=progress) as bar:

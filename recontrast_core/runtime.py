@@ -7,6 +7,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -53,14 +54,34 @@ def remove_stale_temps(path: Path) -> int:
     return n
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have (0644 / 0755 under umask
+    022): temporary files and folders are made 0600 / 0700, and a server or pod running as
+    another user must be able to read what is renamed into place."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
+    """Write via a temporary file in the same folder, then rename: never a half-written file.
+    The file gets the umask's mode (not the temporary file's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        honour_umask(Path(tmp))
         if _FAILPOINT_WRITE_SLEEP:  # fault injection only (benchmarks/faults.py): widen the window
             import time
 
