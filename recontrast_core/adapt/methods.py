@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..errors import UserError
+from ..registries import Registry
 from .coft import train_coft
 from .msc import train_msc
 
@@ -29,21 +29,16 @@ class AdaptMethod:
     center: Optional[Callable[[Any], Optional[list]]] = None
 
 
-METHODS: dict[str, AdaptMethod] = {}
+METHODS: Registry[AdaptMethod] = Registry(
+    "adaptation method", unknown=lambda name: f"adaptation needs a method: {' or '.join(METHODS)}, not {name!r}")
 
 
 def register_method(method: AdaptMethod) -> AdaptMethod:
-    if method.name in METHODS:
-        raise ValueError(f"adaptation method {method.name!r} is registered twice")
-    METHODS[method.name] = method
-    return method
+    return METHODS.add(method)
 
 
 def get_method(name: Optional[str]) -> AdaptMethod:
-    try:
-        return METHODS[name]  # type: ignore[index]
-    except KeyError:
-        raise UserError(f"adaptation needs a method: {' or '.join(METHODS)}, not {name!r}") from None
+    return METHODS.lookup(name)
 
 
 register_method(AdaptMethod(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..errors import UserError
+from ..registries import Registry
 
 
 @dataclass(frozen=True)
@@ -30,21 +30,15 @@ class ModelKind:
     trains: bool  # needs a training run (else a single pass over the training images)
 
 
-KINDS: dict[str, ModelKind] = {}
+KINDS: Registry[ModelKind] = Registry("model kind")
 
 
 def register_kind(kind: ModelKind) -> ModelKind:
-    if kind.name in KINDS:
-        raise ValueError(f"model kind {kind.name!r} is registered twice")
-    KINDS[kind.name] = kind
-    return kind
+    return KINDS.add(kind)
 
 
 def get_kind(name: str) -> ModelKind:
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise UserError(f"unknown model kind {name!r}; known: {', '.join(KINDS)}") from None
+    return KINDS.lookup(name)
 
 
 def _prefixed(state: dict, prefix: str) -> dict:

@@ -22,7 +22,7 @@ import collections
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..errors import UserError
+from ..registries import Registry
 
 # KFP's artifact types by name: the components module maps them onto kfp.dsl classes
 ARTIFACT_TYPES = ("Dataset", "Model", "Artifact", "Metrics")
@@ -93,22 +93,16 @@ class StepRecord:
         return {s.split(".")[0] for s in self.sections}
 
 
-_RECORDS: dict[str, StepRecord] = {}
+_RECORDS: Registry[StepRecord] = Registry("step")
 
 
 def register_step(record: StepRecord) -> StepRecord:
     """Add a step (at import of its module); a second record of one name is an error."""
-    if record.name in _RECORDS and _RECORDS[record.name] is not record:
-        raise ValueError(f"step {record.name!r} is registered twice")
-    _RECORDS[record.name] = record
-    return record
+    return _RECORDS.add(record)
 
 
 def get_step(name: str) -> StepRecord:
-    try:
-        return _RECORDS[name]
-    except KeyError:
-        raise UserError(f"unknown step {name!r}; known: {', '.join(_RECORDS)}") from None
+    return _RECORDS.lookup(name)
 
 
 def step_records() -> tuple[StepRecord, ...]:

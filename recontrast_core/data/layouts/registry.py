@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ...errors import DataValidationError, UserError
+from ...registries import Registry
 from ..manifest import Manifest
 from .common import PathLike
 
@@ -43,21 +44,16 @@ class Layout:
         return self.listed_as or f"{self.name!r} ({self.summary})"
 
 
-LAYOUTS: dict[str, Layout] = {}
+LAYOUTS: Registry[Layout] = Registry(
+    "dataset layout", unknown=lambda name: f"unknown dataset layout {name!r}; " + accepted_layouts_help())
 
 
 def register_layout(layout: Layout) -> Layout:
-    if layout.name in LAYOUTS:
-        raise ValueError(f"dataset layout {layout.name!r} is registered twice")
-    LAYOUTS[layout.name] = layout
-    return layout
+    return LAYOUTS.add(layout)
 
 
 def get_layout(name: str) -> Layout:
-    try:
-        return LAYOUTS[name]
-    except KeyError:
-        raise UserError(f"unknown dataset layout {name!r}; " + accepted_layouts_help()) from None
+    return LAYOUTS.lookup(name)
 
 
 def accepted_layouts_help() -> str:
