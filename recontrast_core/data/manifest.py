@@ -230,5 +230,3 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
             h.update(b)
     return h.hexdigest()
 
-
-_file_sha256 = file_sha256  # the earlier private name

@@ -35,11 +35,6 @@ def parse_model_uri(uri: str) -> tuple[str, Optional[str], Optional[str]]:
     return m["name"], m["alias"], m["version"]
 
 
-def is_model_uri(text: str) -> bool:
-    """True for a URI this module resolves remotely (not a local folder)."""
-    return str(text).startswith(("models:/", "runs:/", "s3://"))
-
-
 def bundle_digest(bundle_dir: Path) -> str:
     """``bundle:<12 hex>``: the SHA-256 of the bundle's metadata and weights."""
     h = hashlib.sha256()

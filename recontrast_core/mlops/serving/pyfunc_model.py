@@ -37,8 +37,6 @@ from typing import Any, Optional, Sequence
 
 import mlflow.pyfunc
 
-OUTPUT_COLUMNS = ("score", "normalized_score", "decision")
-
 
 def _as_image(value: Any):
     """An array from an array or nested lists (JSON requests): integer pixel values in
