@@ -1,14 +1,20 @@
 """The KServe custom predictor: a registered model over the open inference protocol v2.
 
 ``POST /v2/models/<name>/infer`` takes one ``BYTES`` input named ``image``, one element
-per image: base64 of an encoded image file (PNG, JPEG, BMP, TIFF, WebP) in JSON; an
-element that arrives as bytes (an in-process ``InferRequest``, gRPC) is the file itself
-unless it is base64 text. Optional request parameter ``return_map`` (bool). REST only
-(the gRPC port is off: a KServe predictor container exposes one port).
+per image: base64 of an encoded image file (PNG, JPEG, BMP, TIFF, WebP) in JSON, or the
+file itself in the binary tensor extension (``Inference-Header-Content-Length`` +
+``binary_data_size``: what ``tritonclient.http`` and kserve's ``InferenceRESTClient``
+send by default). An element that arrives as bytes is the file itself unless it is
+base64 text. Optional request parameter ``return_map`` (bool). REST only (the gRPC port is
+off: a KServe predictor container exposes one port).
 Outputs: ``score`` FP64 [N], ``normalized_score`` FP64 [N] (0.5 = threshold), ``decision``
-BOOL [N] and, with ``return_map``, ``anomaly_map`` FP32 [N, S, S]; ``model_version`` and
-``parameters`` name the registry version that scored. Bad input is HTTP 400 with a
-one-line message naming the element.
+BOOL [N] and, with ``return_map``, ``anomaly_map`` FP32 [N, S, S]. A request's ``outputs``
+list picks the outputs and their order (``anomaly_map`` among them computes the maps; an
+unknown name is HTTP 400) and, per output, JSON or binary (``binary_data``).
+``model_version`` and ``parameters`` name the registry version that scored. Bad input is
+HTTP 400 with ``{"error": "<one line naming the element>"}``, logged as one line.
+The REST side (body parsing, binary tensors, error bodies, the routes put in front of
+kserve's) is :mod:`.v2_rest`.
 
 Health (kserve's ModelServer): ``/v2/health/live`` answers while the process runs;
 ``/v2/models/<name>/ready`` is 200 once a model is loaded (503 before).
@@ -41,6 +47,7 @@ import numpy as np
 
 from ...errors import UserError, first_line
 from ..model_source import parse_model_uri
+from . import v2_rest
 
 
 def _import_kserve():
@@ -59,6 +66,8 @@ kserve, kserve_errors = _import_kserve()
 log = logging.getLogger("recontrast.serve")
 
 INPUT_NAME = "image"
+OUTPUT_NAMES = ("score", "normalized_score", "decision", "anomaly_map")
+DEFAULT_OUTPUTS = OUTPUT_NAMES[:3]  # anomaly_map: with return_map, or when named in outputs
 DEFAULT_POLL_S = 30.0
 RETRY_S = 10.0  # between load attempts while nothing is served yet (polling off)
 FAILED_RETRY_S = 300.0  # a version that failed to load is tried again after this long
@@ -201,6 +210,17 @@ class ReContrastPredictor(kserve.Model):
                 {"name": "decision", "datatype": "BOOL", "shape": [-1]},
                 {"name": "anomaly_map", "datatype": "FP32", "shape": [-1, size, size]}]
 
+    def metadata(self) -> dict:
+        """The v2 model metadata: ``versions`` is the served version (the one
+        ``/v2/models/<name>/versions/<v>/...`` answers for), empty before the first load."""
+        served = self.served
+        return {"name": self.name, "versions": [served.version] if served else [], "platform": v2_rest.PLATFORM,
+                "inputs": self.get_input_types(), "outputs": self.get_output_types()}
+
+    def loading_state(self) -> str:
+        """Why nothing is served yet, in one line (for 503 bodies)."""
+        return f"loading failed: {self.last_error}" if self.last_error else f"loading {self.model_uri}"
+
     async def predict(self, payload, headers=None, response_headers=None):
         served = self.served
         if served is None:
@@ -208,9 +228,10 @@ class ReContrastPredictor(kserve.Model):
         if not isinstance(payload, kserve.InferRequest):
             raise kserve_errors.InvalidInput("use the open inference protocol v2 (POST /v2/models/<name>/infer)")
         values = request_images(payload)
-        return_map = request_return_map(payload)
+        outputs = request_outputs(payload)
+        return_map = "anomaly_map" in outputs
         results = await asyncio.to_thread(self._score, served.detector, values, return_map)
-        return infer_response(payload, self.name, served.version, self.registered_name, results, return_map)
+        return infer_response(payload, self.name, served.version, self.registered_name, results, outputs)
 
     def _score(self, detector, values: list, return_map: bool) -> list[dict]:
         try:
@@ -225,10 +246,10 @@ class ReContrastPredictor(kserve.Model):
 def request_images(request) -> list:
     """The elements of the request's ``image`` input (str or bytes each)."""
     inputs = {i.name: i for i in request.inputs}
-    if INPUT_NAME not in inputs or inputs[INPUT_NAME].datatype != "BYTES":
-        got = [f"{i.name} ({i.datatype})" for i in request.inputs]
+    if set(inputs) != {INPUT_NAME} or inputs[INPUT_NAME].datatype != "BYTES":
+        got = [f"{i.name[:40]} ({i.datatype[:10]})" for i in request.inputs][:5]
         raise kserve_errors.InvalidInput(
-            f"expected a BYTES input named {INPUT_NAME!r} (base64 or encoded image files), got {got}")
+            f"expected a BYTES input named {INPUT_NAME!r} (base64 or encoded image files) and no other, got {got}")
     try:
         values = inputs[INPUT_NAME].as_numpy().ravel().tolist()
     except Exception as exc:  # shape does not fit the data
@@ -257,6 +278,23 @@ def request_return_map(request) -> bool:
     return value
 
 
+def request_outputs(request) -> list[str]:
+    """The output names to answer, in order: the request's ``outputs`` when it has them
+    (an unknown or repeated name is InvalidInput), else score, normalized_score and
+    decision, plus anomaly_map with ``return_map``."""
+    return_map = request_return_map(request)  # checked even where ``outputs`` decides
+    if not request.request_outputs:
+        return list(DEFAULT_OUTPUTS) + (["anomaly_map"] if return_map else [])
+    names = [o.name for o in request.request_outputs]
+    for name in names:
+        if name not in OUTPUT_NAMES:
+            raise kserve_errors.InvalidInput(
+                f"unknown output {name[:60]!r}: this model's outputs are {', '.join(OUTPUT_NAMES)}")
+    if len(set(names)) != len(names):
+        raise kserve_errors.InvalidInput(f"an output is requested twice: {names}")
+    return names
+
+
 def decode_element(i: int, value) -> np.ndarray:
     """Element ``i`` of the ``image`` input -> uint8 [H, W, 3]: text is base64; bytes are
     base64 when they are base64 text, else the encoded file itself."""
@@ -274,21 +312,24 @@ def decode_element(i: int, value) -> np.ndarray:
 
 
 def infer_response(request, model_name: str, version: str, registered_name: str, results: list[dict],
-                   return_map: bool):
-    """Detector results -> the v2 response (the version that scored in ``parameters``)."""
+                   outputs: list[str]):
+    """Detector results -> the v2 response with ``outputs`` in that order (the version that
+    scored in ``parameters``). JSON or binary per output: the request's requested outputs'
+    ``binary_data``, else its ``binary_data_output`` parameter (kserve's ``to_rest``)."""
     n = len(results)
-    outputs = [
-        kserve.InferOutput("score", [n], "FP64", data=np.array([r["score"] for r in results], np.float64)),
-        kserve.InferOutput("normalized_score", [n], "FP64",
-                           data=np.array([r["normalized_score"] for r in results], np.float64)),
-        kserve.InferOutput("decision", [n], "BOOL", data=np.array([r["decision"] for r in results], np.bool_)),
-    ]
-    if return_map:
-        maps = np.stack([np.asarray(r["anomaly_map"], np.float32) for r in results])
-        outputs.append(kserve.InferOutput("anomaly_map", list(maps.shape), "FP32", data=maps))
+
+    def tensor(name: str):
+        if name == "decision":
+            return kserve.InferOutput(name, [n], "BOOL", data=np.array([r[name] for r in results], np.bool_))
+        if name == "anomaly_map":
+            maps = np.ascontiguousarray(np.stack([np.asarray(r[name], np.float32) for r in results]))
+            return kserve.InferOutput(name, list(maps.shape), "FP32", data=maps)
+        return kserve.InferOutput(name, [n], "FP64", data=np.array([r[name] for r in results], np.float64))
+
     return kserve.InferResponse(
-        response_id=request.id or str(uuid.uuid4()), model_name=model_name, infer_outputs=outputs,
-        model_version=version, use_binary_outputs=request.use_binary_outputs,
+        response_id=request.id or str(uuid.uuid4()), model_name=model_name,
+        infer_outputs=[tensor(name) for name in outputs], model_version=version,
+        use_binary_outputs=request.use_binary_outputs, requested_outputs=request.request_outputs,
         parameters={"registered_model": registered_name, "model_version": version,
                     "model_uri": f"models:/{registered_name}/{version}"},
     )
@@ -301,6 +342,7 @@ def serve(model_uri: str, *, name: Optional[str] = None, port: int = 8080, poll_
     background (ready when loaded). An unknown model or alias is a UserError before start."""
     _configure_logging()
     max_images_per_request()  # a bad value stops the start (exit 2), not every request
+    max_bytes = v2_rest.max_request_bytes()  # likewise
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the pod's log
     registered, _, _ = parse_model_uri(model_uri)
     predictor = ReContrastPredictor(name or registered, model_uri, poll_s=poll_s, device=device,
@@ -316,6 +358,8 @@ def serve(model_uri: str, *, name: Optional[str] = None, port: int = 8080, poll_
     predictor.start_polling()
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
     server.register_model(predictor)
+    # our v2 routes go on kserve's app before start() adds kserve's: for this model they answer first
+    v2_rest.install(sys.modules["kserve.model_server"].app, predictor, max_bytes=max_bytes)
     server.start([])  # registered above, not ready yet: readiness follows the loader thread
 
 
