@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calibration import Calibration, decide, normalise
+from .calibration import Calibration, CalibrationFieldError, decide, normalise
 from .config import InferenceConfig, TrainConfig
 from .errors import UserError, first_line
 from .data.cache import batch_slices
 from .models.kinds import get_kind
 from .models.recontrast import ReContrast, ReContrastScorer
-from .runtime import amp_dtype_for, honour_umask, read_safetensors, resolve_device
+from .runtime import amp_dtype_for, honour_umask, load_json, read_safetensors, resolve_device
 from .scoring import ScoringHead
 
 BUNDLE_FORMAT = "recontrast-bundle/1"
@@ -115,10 +115,7 @@ def read_bundle_meta(bundle_dir: Path) -> dict:
     meta_path = bundle_dir / META_FILE
     if not meta_path.is_file() or not (bundle_dir / WEIGHTS_FILE).is_file():
         raise UserError(f"{bundle_dir}: not a model bundle (expected {META_FILE} and {WEIGHTS_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{meta_path}: not valid JSON ({exc})") from None
+    meta = load_json(meta_path, lambda p, why: UserError(f"{p}: {why.replace('invalid JSON', 'not valid JSON')}"))
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != BUNDLE_FORMAT:
@@ -274,12 +271,14 @@ def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detecto
         raise UserError(f"{meta_path}: invalid settings ({_first_error(exc)})") from None
     try:
         calibration = Calibration.from_dict(meta["calibration"])
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{meta_path}: invalid calibration ({_first_error(exc)})") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        detail = f"calibration.{exc}" if isinstance(exc, CalibrationFieldError) else _first_error(exc)
+        raise UserError(f"{meta_path}: invalid calibration ({detail})") from None
+    check_bundle_numbers(meta, meta_path)
     state = read_safetensors(weights_path, "model weights")
     try:
         scorer = kind.load(meta, state, cfg)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise UserError(f"{meta_path}: invalid {kind_name} settings ({_first_error(exc)})") from None
     except RuntimeError as exc:
         raise UserError(f"{weights_path}: the weights do not fit the model in {META_FILE} "
@@ -292,6 +291,60 @@ def load_detector(bundle_dir: Union[str, Path], device: str = "auto") -> Detecto
         scorer.to(memory_format=torch.channels_last)
     return Detector(scorer=scorer, config=cfg, inference=inference, calibration=calibration, meta=meta, device=dev,
                     kind=kind_name)
+
+
+# Input statistics a bundle records, where the kinds read them: "preprocessing" (every kind;
+# the ReContrast network's), "input_stats" (patch-kNN's encoder), "recontrast_preprocessing"
+# (the fused kind's ReContrast branch).
+_STATS_FIELDS = ("preprocessing", "input_stats", "recontrast_preprocessing")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(float(value))
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_bundle_numbers(meta: dict, meta_path: Path) -> None:
+    """The numbers of ``bundle.json`` the scorer is rebuilt from, checked before they are
+    used: input statistics (3 finite numbers each, std > 0), image sizes and the bank size
+    (whole numbers > 0), the fusion quantiles (finite). One :class:`UserError` naming
+    ``bundle.json`` and the field; nothing is loaded."""
+
+    def bad(field: str, expected: str, value: Any) -> UserError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return UserError(f"{meta_path}: {field}: expected {expected}, got {shown}")
+
+    for name in _STATS_FIELDS:
+        block = meta.get(name)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise bad(name, "an object (mean, std, ...)", block)
+        for key in ("mean", "std"):
+            if key not in block:
+                continue
+            v = block[key]
+            if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)):
+                raise bad(f"{name}.{key}", "3 finite numbers", v)
+            if key == "std" and not all(x > 0 for x in v):
+                raise bad(f"{name}.{key}", "3 numbers > 0", v)
+        if "image_size" in block and not _whole(block["image_size"]):
+            raise bad(f"{name}.image_size", "a whole number > 0", block["image_size"])
+    if "bank_size" in meta and not _whole(meta["bank_size"]):
+        raise bad("bank_size", "a whole number > 0", meta["bank_size"])
+    fusion = meta.get("fusion")
+    if isinstance(fusion, dict):
+        for key in ("recontrast_q", "patchknn_q"):
+            if key in fusion and not (isinstance(fusion[key], list) and len(fusion[key]) == 2
+                                      and all(_is_number(x) for x in fusion[key])):
+                raise bad(f"fusion.{key}", "2 finite numbers (q_lo, q_hi)", fusion[key])
+        for key in ("recontrast_image_size", "patchknn_image_size"):
+            if key in fusion and not _whole(fusion[key]):
+                raise bad(f"fusion.{key}", "a whole number > 0", fusion[key])
 
 
 def _first_error(exc: Exception) -> str:

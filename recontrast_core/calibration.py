@@ -37,12 +37,38 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["Calibration", "fit_calibration", "normalise", "decide"]
+__all__ = ["Calibration", "CalibrationFieldError", "fit_calibration", "normalise", "decide"]
 
 _METHODS = ("f1", "fpr")
 # The largest double below 0.5: a score below the threshold never normalises to 0.5,
 # even where rounding in (score - lo) / (threshold - lo) would give exactly 1.
 _BELOW_HALF = float(np.nextafter(0.5, 0.0))
+
+
+class CalibrationFieldError(ValueError):
+    """A field of a :class:`Calibration` has a value it cannot have; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        super().__init__(f"{field}: {problem}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite(name: str, value) -> float:
+    if not _is_number(value) or not np.isfinite(float(value)):
+        raise CalibrationFieldError(name, f"expected a finite number, got {value!r:.60}")
+    return float(value)
+
+
+def _count(name: str, value) -> int:
+    whole = _is_number(value) and (isinstance(value, (int, np.integer)) or
+                                   (np.isfinite(float(value)) and float(value).is_integer()))
+    if not whole or value < 0:
+        raise CalibrationFieldError(name, f"expected a whole number >= 0, got {value!r:.60}")
+    return int(value)
 
 
 @dataclass
@@ -63,14 +89,18 @@ class Calibration:
     n_anomalous: int
 
     def __post_init__(self) -> None:
-        self.threshold = float(self.threshold)
-        self.lo = float(self.lo)
-        self.hi = float(self.hi)
-        self.n_normal = int(self.n_normal)
-        self.n_anomalous = int(self.n_anomalous)
+        # Checked field by field (values come from bundle.json): a ValueError naming the
+        # field, never an OverflowError (n_normal: 1e400) or a TypeError.
+        self.threshold = _finite("threshold", self.threshold)
+        self.lo = _finite("lo", self.lo)
+        self.hi = _finite("hi", self.hi)
+        self.n_normal = _count("n_normal", self.n_normal)
+        self.n_anomalous = _count("n_anomalous", self.n_anomalous)
         if self.target_fpr is not None:
-            self.target_fpr = float(self.target_fpr)
-        if self.method not in _METHODS:
+            self.target_fpr = _finite("target_fpr", self.target_fpr)
+            if not 0.0 < self.target_fpr < 1.0:
+                raise CalibrationFieldError("target_fpr", f"expected a number in (0, 1), got {self.target_fpr!r}")
+        if not isinstance(self.method, str) or self.method not in _METHODS:
             raise ValueError(f"Calibration.method must be one of {_METHODS}, got {self.method!r}")
         if not all(np.isfinite([self.lo, self.threshold, self.hi])):
             raise ValueError("Calibration: lo, threshold and hi must be finite")

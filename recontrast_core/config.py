@@ -12,7 +12,7 @@ is the paper-parity option for clusters with hub access or a local weights file)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,7 +26,16 @@ def check_device(v: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float setting is finite (nan / .inf refused by the schema,
+    # before any work: a NaN learning rate used to train to the end and fail at calibration)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Adam's betas: each in [0, 1) (torch refuses others at the first step, with a traceback).
+Beta = Annotated[float, Field(ge=0, lt=1)]
+# Blocks per decoder stage / bottleneck: at least one.
+Blocks = Annotated[int, Field(ge=1)]
+Index = Annotated[int, Field(ge=0)]
 
 
 class BackboneConfig(_Strict):
@@ -37,7 +46,7 @@ class BackboneConfig(_Strict):
     # Which activations feed ReContrast. "auto" picks per family: post-activation
     # ("expansion") for EfficientNets, stage outputs for ResNets. See ARCHITECTURE.md.
     feature_location: Literal["auto", "bottleneck", "expansion", ""] = "auto"
-    out_indices: tuple[int, int, int] = (1, 2, 3)
+    out_indices: tuple[Index, Index, Index] = (1, 2, 3)
     # Input statistics: "auto" = the weights' own (mean = std = 0.5, i.e. inputs in [-1, 1],
     # for the TF-converted EfficientNet-Lites; ImageNet mean/std for ResNets); "imagenet" or
     # "unit" force one. Stored in the bundle; older bundles keep the statistics they recorded.
@@ -49,18 +58,19 @@ class TrainConfig(_Strict):
     image_size: int = Field(256, ge=32, le=1024)
     iterations: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr_decoder: float = 2e-3
-    lr_encoder: float = 1e-5
-    weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
+    # AdamW: learning rates > 0, weight decay >= 0, betas each in [0, 1); all finite.
+    lr_decoder: float = Field(2e-3, gt=0)
+    lr_encoder: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     # Hard-mining alpha ramps linearly from alpha_start to alpha_end over warmup_fraction.
     alpha_start: float = -3.0
     alpha_end: float = 1.0
-    alpha_warmup_fraction: float = 0.1
+    alpha_warmup_fraction: float = Field(0.1, ge=0, le=1)
     # Encoder BatchNorm mode: "train" (paper default) or "eval" (paper, some textures).
     encoder_bn: Literal["train", "eval"] = "train"
-    decoder_blocks: tuple[int, int, int] = (3, 4, 6)  # blocks per decoder stage, deep to shallow
-    bottleneck_blocks: int = 3
+    decoder_blocks: tuple[Blocks, Blocks, Blocks] = (3, 4, 6)  # blocks per decoder stage, deep to shallow
+    bottleneck_blocks: int = Field(3, ge=1)
     # Initialisation of bottleneck, decoder and heads: "kaiming" = the official code's
     # Kaiming-normal fan-out; "pytorch" = PyTorch's layer defaults (earlier releases).
     decoder_init: Literal["kaiming", "pytorch"] = "kaiming"
@@ -96,7 +106,7 @@ class InferenceConfig(_Strict):
     # Scoring precision: "auto" = bf16 autocast on CUDA when the model trained with amp,
     # fp32 on CPU; "fp32" / "bf16" force one (the GPU suite's parity section measures both).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gaussian_sigma: float = 4.0
+    gaussian_sigma: float = Field(4.0, ge=0)
     score: Literal["max", "topk_mean"] = "max"
     topk_fraction: float = Field(0.01, gt=0, le=1)
     batch_size: int = Field(32, ge=1)

@@ -155,7 +155,7 @@ def parse_metadata(values: dict[str, str]) -> dict[str, Any]:
     for k, v in values.items():
         try:
             out[k] = json.loads(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # a string, or hostile metadata
             out[k] = v
     return out
 

@@ -46,7 +46,8 @@ FALLBACK_PRIMARY = "synthetic_image_auroc"
 class PromotionPolicy(BaseModel):
     """When a candidate may replace the champion (all metrics: higher is better)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: a NaN floor or margin would make every comparison false
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     floors: dict[str, float] = Field(default_factory=lambda: {"image_auroc": 0.7})
     primary_metric: str = "image_auroc"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -99,12 +100,119 @@ def atomic_write_json(path: Path, payload: Any) -> Path:
     return atomic_write(Path(path), lambda p: p.write_text(text))
 
 
-def read_json(path: Path) -> Optional[Any]:
-    """The JSON in ``path``, or None when the file is missing or not valid JSON."""
+# ---------------------------------------------------------------------------------------
+# bounded JSON: every JSON file the tool reads goes through load_json (or read_json)
+# ---------------------------------------------------------------------------------------
+# No file the tool reads nests deeper than ~6 levels (COCO segmentation); Python's parser
+# dies with a RecursionError near 1,000. Refused before parsing, naming the file.
+JSON_MAX_DEPTH = 100
+# Size limit of one JSON file, in MB (10**6 bytes); a large COCO file is a few hundred MB.
+JSON_MAX_MB_ENV = "RECONTRAST_JSON_MAX_MB"
+JSON_MAX_MB_DEFAULT = 1024.0
+
+
+def human_bytes(n: float) -> str:
+    """``5.0 KB``, ``3.2 GB``: decimal units (1 KB = 1000 bytes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def json_max_bytes() -> int:
+    """The size limit of a JSON file: ``RECONTRAST_JSON_MAX_MB`` (default 1024 MB)."""
+    from .errors import UserError
+
+    raw = os.environ.get(JSON_MAX_MB_ENV, "").strip()
+    if not raw:
+        return int(JSON_MAX_MB_DEFAULT * 1e6)
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+        mb = float(raw)
+        if not (mb > 0 and mb != float("inf")):
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{JSON_MAX_MB_ENV}={raw!r}: expected a size in MB > 0, e.g. 2048") from None
+    return int(mb * 1e6)
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in UTF-8 JSON ``data`` (brackets inside
+    strings do not count), without parsing: one vectorised pass (~0.5 s per 100 MB). Where
+    the file holds at most :data:`JSON_MAX_DEPTH` opening brackets, their count (a bound)."""
+    opening = data.count(b"[") + data.count(b"{")
+    if opening <= JSON_MAX_DEPTH:
+        return opening  # a bound, and within the limit: no scan needed
+    arr = np.frombuffer(data, dtype=np.uint8)
+    quotes = np.flatnonzero(arr == 0x22)
+    if len(quotes):  # drop escaped quotes: preceded by an odd number of backslashes
+        maybe = quotes[(quotes > 0) & (arr[np.maximum(quotes - 1, 0)] == 0x5C)]
+        escaped = []
+        for i in maybe.tolist():
+            j = i - 1
+            while j >= 0 and data[j] == 0x5C:
+                j -= 1
+            if (i - 1 - j) % 2:
+                escaped.append(i)
+        if escaped:
+            quotes = np.setdiff1d(quotes, np.asarray(escaped, dtype=quotes.dtype), assume_unique=True)
+    table = np.zeros(256, dtype=np.int8)
+    table[[0x5B, 0x7B]] = 1  # [ {
+    table[[0x5D, 0x7D]] = -1  # ] }
+    step = table[arr]
+    where = np.flatnonzero(step)
+    outside = np.searchsorted(quotes, where) % 2 == 0  # an even number of quotes before: not in a string
+    moves = step[where[outside]].astype(np.int32)
+    return int(np.cumsum(moves).max()) if len(moves) else 0
+
+
+def _json_problem(path: Path) -> tuple[Optional[str], Any]:
+    """(problem, None) or (None, the parsed JSON) for the file at ``path``."""
+    limit = json_max_bytes()
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            return (f"JSON file of {human_bytes(size)} is over the {human_bytes(limit)} limit "
+                    f"(set {JSON_MAX_MB_ENV} to raise it)"), None
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or type(exc).__name__})", None
+    try:
+        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors)
+            data = data[3:]
+        elif data[:4].count(b"\x00"):  # UTF-16/32, which json accepts: scan its UTF-8 form
+            data = data.decode(json.detect_encoding(data)).encode("utf-8")
+    except (UnicodeError, LookupError) as exc:
+        return f"invalid JSON ({type(exc).__name__}: {exc})"[:200], None
+    if json_depth(data) > JSON_MAX_DEPTH:
+        return f"JSON nested deeper than {JSON_MAX_DEPTH} levels (refused before parsing)", None
+    try:
+        return None, json.loads(data)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        return f"JSON nested deeper than {JSON_MAX_DEPTH} levels", None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        line = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        return f"invalid JSON ({line})", None
+
+
+def load_json(path: Path, error: Optional[Callable[[Path, str], Exception]] = None) -> Any:
+    """The JSON in ``path``, parsed within the depth (:data:`JSON_MAX_DEPTH`) and size
+    (``RECONTRAST_JSON_MAX_MB``) limits. Any problem raises ``error(path, problem)``
+    (default: a one-line :class:`~recontrast_core.errors.UserError` ``"<path>: <problem>"``)."""
+    from .errors import UserError
+
+    path = Path(path)
+    problem, value = _json_problem(path)
+    if problem is not None:
+        raise (error or (lambda p, m: UserError(f"{p}: {m}")))(path, problem)
+    return value
+
+
+def read_json(path: Path) -> Optional[Any]:
+    """The JSON in ``path``, or None when the file is missing, not valid JSON, or over the
+    limits of :func:`load_json`."""
+    json_max_bytes()  # a bad RECONTRAST_JSON_MAX_MB is an error, not "no file"
+    return _json_problem(Path(path))[1]
 
 
 # Environment variables naming an S3-compatible endpoint (MinIO, moto), first match wins.
@@ -120,6 +228,70 @@ def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
         if os.environ.get(name):
             return os.environ[name]
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# memory: what a device has free (training checks its estimate against it before starting)
+# ---------------------------------------------------------------------------------------
+def _read_int(path: Path) -> Optional[int]:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_memory_free(cgroup_root: Path) -> Optional[int]:
+    """Bytes this process's cgroup may still use (its limit minus its working set: usage
+    less reclaimable file cache), cgroup v2 or v1; None when unlimited or unknown."""
+    for limit_file, usage_file, stat_key in (("memory.max", "memory.current", "inactive_file"),
+                                             ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                              "total_inactive_file")):
+        limit = _read_int(cgroup_root / limit_file)
+        if limit is None or limit >= 1 << 60:  # "max", or v1's "unlimited" (~2**63)
+            continue
+        usage = _read_int(cgroup_root / usage_file) or 0
+        inactive = 0
+        try:
+            for line in (cgroup_root / limit_file).with_name("memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == stat_key and value.strip().isdigit():
+                    inactive = int(value)
+        except OSError:
+            pass
+        return max(0, limit - max(0, usage - inactive))
+    return None
+
+
+def _host_memory_available() -> Optional[int]:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory(device: torch.device, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """Bytes free for this process on ``device``: CUDA's free memory on that GPU; on the
+    CPU the host's available memory (psutil, else /proc/meminfo), capped by the cgroup's
+    memory limit (a Kubernetes pod's). None when unknown."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    host = _host_memory_available()
+    cgroup = _cgroup_memory_free(cgroup_root)
+    known = [x for x in (host, cgroup) if x is not None]
+    return min(known) if known else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,8 +382,12 @@ def load_torch_file(path: Path, what: str, map_location="cpu", error: Optional[t
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         text = str(exc).strip()
-        if "Unsupported global" in text:
-            reason = "it holds objects other than tensors; refused (only tensor files are loaded)"
+        # torch names the refused global as "Unsupported global: GLOBAL x.y" (torch < 2.14)
+        # or "unsupported GLOBAL x.y whose module x is blocked" (2.14): matched in any case
+        unsafe = re.search(r"unsupported\s+global\W+(?:global\s+)?([\w.]+)", text, re.IGNORECASE)
+        if unsafe:
+            reason = (f"refused: it would run code on load (weights_only; it names {unsafe.group(1)}, "
+                      "not a tensor; only tensor files are loaded)")
         elif "WeightsUnpickler error:" in text:  # torch's advice to load unsafely is dropped
             detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:120]
             reason = f"corrupt or truncated (not a tensor file: {detail})"

@@ -18,6 +18,7 @@ checkpoint on every process.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import warnings
@@ -28,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, runtime
 from .bundle import Detector, save_bundle
 from .models import build_model
 from .calibration import fit_calibration
@@ -66,6 +67,69 @@ def _to_host(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_host(v) for v in obj)
     return obj
+
+
+# ---------------------------------------------------------------------------------------
+# memory: a batch that cannot fit is refused before the first step (not OOM-killed at it)
+# ---------------------------------------------------------------------------------------
+MEMORY_CHECK_ENV = "RECONTRAST_MEMORY_CHECK"  # "off" trains without the check
+# Peak memory of a training step per input pixel of one image (activations kept for the
+# backward pass and their gradients, fp32), by backbone family, measured on the CPU
+# (peak RSS of two steps, batch 4 -> 8 at 256 px and 2 -> 6 at 64 px; docs/reliability.md)
+# plus ~10%: lite0 5,130 bytes, wide_resnet50_2 8,770, resnet18 1,730.
+_STEP_BYTES_PER_PIXEL = {"tf_efficientnet_lite": 5700, "resnet18": 2000, "wide_resnet50_2": 9700}
+# Parameters of the whole ReContrast model (both encoder copies, bottleneck, decoder at the
+# default blocks) by backbone; each costs 16 bytes (weights, gradients, AdamW's two moments).
+_MODEL_PARAMS = {"tf_efficientnet_lite0": 36.1e6, "tf_efficientnet_lite1": 36.6e6, "tf_efficientnet_lite2": 42.8e6,
+                 "resnet18": 11.0e6, "wide_resnet50_2": 136.3e6}
+_UNKNOWN_BACKBONE = ("wide_resnet50_2", 136.3e6)  # other timm names: the largest known (conservative)
+_PROCESS_OVERHEAD = 512 * 2**20  # allocator, library and framework state beyond the tensors
+
+
+def estimate_training_memory(cfg: TrainConfig, n_images: int, batch: Optional[int] = None) -> int:
+    """Bytes a training run needs at its peak (conservative): model and optimiser state,
+    one step's activations for ``batch`` images (default ``cfg.batch_size``) at
+    ``cfg.image_size``, and the ``n_images`` training images kept as uint8 on the device."""
+    name = cfg.backbone.name
+    family = next((k for k in _STEP_BYTES_PER_PIXEL if name.startswith(k)), None)
+    per_pixel = _STEP_BYTES_PER_PIXEL[family] if family else _STEP_BYTES_PER_PIXEL[_UNKNOWN_BACKBONE[0]]
+    params = _MODEL_PARAMS.get(name, _UNKNOWN_BACKBONE[1])
+    pixels = cfg.image_size * cfg.image_size
+    batch = cfg.batch_size if batch is None else batch
+    return int(_PROCESS_OVERHEAD + params * 16 + batch * pixels * per_pixel + n_images * 3 * pixels)
+
+
+def memory_check_enabled() -> bool:
+    raw = os.environ.get(MEMORY_CHECK_ENV, "").strip().lower()
+    if raw in ("", "on", "1", "true", "yes"):
+        return True
+    if raw in ("off", "0", "false", "no"):
+        return False
+    raise UserError(f"{MEMORY_CHECK_ENV}={raw!r}: expected on or off")
+
+
+def check_training_memory(cfg: TrainConfig, n_images: int, device: torch.device, batch: Optional[int] = None) -> None:
+    """Refuse, before any image is loaded or any step taken, a run whose estimated peak
+    (:func:`estimate_training_memory`) is more than ``device`` has free
+    (:func:`recontrast_core.runtime.available_memory`). ``RECONTRAST_MEMORY_CHECK=off``
+    skips the check; an unknown amount free is no refusal."""
+    if not memory_check_enabled():
+        return
+    need = estimate_training_memory(cfg, n_images, batch)
+    if device.type == "cpu":  # the processes of a data-parallel run on one host share its memory
+        local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+        need *= int(local) if local.isdigit() and int(local) > 1 else 1
+    free = runtime.available_memory(device)
+    if free is None or need <= free:
+        return
+    from .runtime import human_bytes
+
+    per_process = "" if batch is None or batch == cfg.batch_size else f" ({batch} per process)"
+    raise UserError(
+        f"train.batch_size={cfg.batch_size}{per_process} at train.image_size={cfg.image_size} needs about "
+        f"{human_bytes(need)} of memory on {device} ({cfg.backbone.name}, {n_images} training images; a "
+        f"conservative estimate), {human_bytes(free)} available; lower train.batch_size or train.image_size, "
+        f"or set {MEMORY_CHECK_ENV}=off to train anyway")
 
 
 def batch_indices(iteration: int, n: int, batch: int, seed: int) -> torch.Tensor:
@@ -266,6 +330,7 @@ def train_model(
     distributed.per_process_batch(cfg.batch_size, distributed.env_context().world_size)
     ctx, device = distributed.setup(cfg.device)
     try:
+        check_training_memory(cfg, len(fit), device, distributed.per_process_batch(cfg.batch_size, ctx.world_size))
         history, wall, trainer, ckpt = _fit(fit, cfg, out_dir, device, ctx, init_encoder=init_encoder, resume=resume,
                                             progress=progress and ctx.is_main, cache_dir=cache_dir)
         bundle_dir = Path(bundle_dir) if bundle_dir is not None else out_dir / "bundle"

@@ -138,9 +138,11 @@ def load_adapted(path: Union[str, Path]) -> AdaptedEncoder:
     if p.is_dir():
         p = p / ENCODER_FILE
     meta_path = p.with_name(META_FILE)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{meta_path}: cannot read the adapted encoder's metadata: {exc}") from exc
+    from ..runtime import load_json
+
+    meta = load_json(meta_path, lambda mp, problem: UserError(f"{mp}: cannot read the adapted encoder's metadata: "
+                                                            f"{problem}"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("backbone"), dict):
+        raise UserError(f"{meta_path}: not an adapted encoder's metadata (no backbone)")
     backbone = BackboneConfig.model_validate(meta["backbone"]).model_copy(update={"weights": str(p)})
     return AdaptedEncoder(create_encoder(backbone), meta, p)

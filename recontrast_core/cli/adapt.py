@@ -8,7 +8,6 @@ and one line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +67,9 @@ def adapt_command(
             sample_shots(manifest, cfg.shots, cfg.shots_seed)
         validate_with_warnings(manifest, progress)
         path = adapt_step(manifest, out, settings, progress=progress)
-        meta = json.loads(path.with_name(META_FILE).read_text())
+        from ..runtime import load_json
+
+        meta = load_json(path.with_name(META_FILE))
         summary = {
             "encoder": str(path),
             "metadata": str(path.with_name(META_FILE)),

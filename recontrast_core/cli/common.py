@@ -31,6 +31,14 @@ def user_errors() -> Iterator[None]:
     except UserError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
+    except Exception as exc:  # a tracking server failing mid-command is no bug: one line
+        from ..mlops.tracking_store import server_failure
+
+        line = server_failure(exc)
+        if line is None:
+            raise
+        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
 
 
 def emit_json(payload: Any) -> None:

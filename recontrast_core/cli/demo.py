@@ -148,11 +148,14 @@ def demo(
     result = run_local(pipeline_arguments(cfg, run_id), work / "runs" / "kfp-local")
     result["wall_time_s"] = round(time.perf_counter() - t0, 1)
     result["dataset"] = str(dataset)
+    from ..mlops.redaction import redact_uri
+
+    shown_uri = redact_uri(tracking_uri)  # printed: no password from the URI
     if tracking_uri.startswith("sqlite:///"):
-        result["mlflow_ui"] = f"mlflow ui --backend-store-uri {tracking_uri}"
+        result["mlflow_ui"] = f"mlflow ui --backend-store-uri {shown_uri}"
     else:
-        result["mlflow_ui"] = f"open {tracking_uri}"
-    result["registry_status"] = f"recontrast registry status --model-name {model_name} --tracking-uri {tracking_uri}"
+        result["mlflow_ui"] = f"open {shown_uri}"
+    result["registry_status"] = f"recontrast registry status --model-name {model_name} --tracking-uri {shown_uri}"
     if not quiet:
         champion = result.get("champion")
         console.print(f"\n[bold green]done[/] in {result['wall_time_s']:.0f} s "

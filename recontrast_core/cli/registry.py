@@ -33,7 +33,9 @@ AsJson = typer.Option(False, "--json", help="Machine-readable output on stdout."
 def _client(tracking_uri: Optional[str]):
     from ..mlops import registry
 
-    return registry.get_client(tracking_uri)
+    # create=False: every registry command needs an existing registered model, so a
+    # mistyped or absent SQLite store is an error here, not a new empty database
+    return registry.get_client(tracking_uri, create=False)
 
 
 def _parse_floors(floors: list[str]) -> dict[str, float]:

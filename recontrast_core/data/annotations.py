@@ -35,7 +35,6 @@ import binascii
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 import warnings
@@ -64,17 +63,17 @@ IMAGE_DATA = "imageData"
 # JSON files
 # --------------------------------------------------------------------------------------
 def read_json_file(path: Union[str, os.PathLike]) -> Any:
-    """Parse a JSON file; unreadable or invalid JSON raises DataValidationError naming it."""
-    try:
-        text = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataValidationError(path, f"cannot read annotation file ({_describe(exc)})") from exc
-    if text.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors)
-        text = text[3:]
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataValidationError(path, f"invalid JSON ({_describe(exc)})") from exc
+    """Parse a JSON file within the tool's depth and size limits
+    (:func:`recontrast_core.runtime.load_json`); unreadable, invalid, too deep or too large
+    JSON raises DataValidationError naming it."""
+    from ..runtime import load_json
+
+    def error(p: Path, problem: str) -> DataValidationError:
+        if problem.startswith("cannot read"):
+            problem = problem.replace("cannot read", "cannot read annotation file", 1)
+        return DataValidationError(p, problem)
+
+    return load_json(Path(path), error)
 
 
 @functools.lru_cache(maxsize=16)

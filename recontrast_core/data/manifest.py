@@ -184,11 +184,12 @@ class Manifest:
     @classmethod
     def load(cls, path: os.PathLike) -> "Manifest":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot read manifest: {exc}") from exc
-        if data.get("format") != MANIFEST_FORMAT:
+        from ..runtime import load_json
+
+        data = load_json(path, lambda p, problem: UserError(f"{p}: cannot read manifest: {problem}"))
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: not a recontrast manifest (a JSON {type(data).__name__}, not an object)")
             raise UserError(f"{path}: not a recontrast manifest (format={data.get('format')!r})")
         try:
             entries = [ManifestEntry(**row) for row in data["entries"]]

@@ -57,15 +57,17 @@ def _find_bundle(root: Path, uri: str) -> Path:
 
 
 def _mlflow_errors(uri: str, exc: Exception) -> UserError:
-    return UserError(f"{uri}: cannot resolve the model ({first_line(exc)})")
+    from .redaction import redact_uri
+
+    return UserError(redact_uri(f"{uri}: cannot resolve the model ({first_line(exc)})"))
 
 
 def _registered(uri: str, m: re.Match, dest: Path, tracking_uri: Optional[str]) -> ResolvedModel:
     from . import registry_lookup as lookup
 
-    client = lookup.get_client(tracking_uri)
     name = m["name"]
     try:
+        client = lookup.get_client(tracking_uri, create=False)  # reading: no empty database made
         lookup.get_registered_model(client, name)
         if m["alias"]:
             mv = lookup.alias_version(client, name, m["alias"])

@@ -3,7 +3,9 @@
 * a key whose last component names a secret (``secret``, ``password``, ``token``, ``*key``,
   ``credential``) keeps its name but gets the value ``***``;
 * any value containing the value of a credential environment variable (``AWS_*`` keys,
-  ``*_TOKEN``, ``*_PASSWORD``, ``*_SECRET``, ``*_KEY``) has it replaced by ``***``.
+  ``*_TOKEN``, ``*_PASSWORD``, ``*_SECRET``, ``*_KEY``) has it replaced by ``***``;
+* the password of a URI in a value (``http://user:password@host``) becomes ``***``
+  (:func:`redact_uri`, also for error messages that name a server).
 """
 
 from __future__ import annotations
@@ -73,8 +75,26 @@ def secret_env_values(env: Optional[Mapping[str, str]] = None) -> set[str]:
     }
 
 
+# The userinfo of a URI (``scheme://user:password@host``, ``scheme://token@host``): the
+# password (or a lone token) is replaced, the user name kept.
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]*)(?::(?P<pw>[^\s/@]*))?@")
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the password of every URI in it replaced by ``***``
+    (``http://u:pw@host`` -> ``http://u:***@host``; ``https://token@host`` -> ``https://***@host``)."""
+
+    def sub(m: re.Match) -> str:
+        if m.group("pw") is None:
+            return f"{m.group('scheme')}{REDACTED}@" if m.group("user") else m.group(0)
+        return f"{m.group('scheme')}{m.group('user')}:{REDACTED}@"
+
+    return _URI_USERINFO.sub(sub, str(text))
+
+
 def redact_value(value: Any, secrets: Iterable[str]) -> Any:
     if isinstance(value, str):
+        value = redact_uri(value)
         for s in secrets:
             if s and s in value:
                 value = value.replace(s, REDACTED)

@@ -12,10 +12,12 @@ from typing import Optional
 from ..errors import UserError
 
 
-def get_client(tracking_uri: Optional[str] = None):
+def get_client(tracking_uri: Optional[str] = None, *, create: bool = True):
+    """A client of the registry; ``create=False`` where nothing will be written (a missing
+    SQLite database is then an error, not a new empty file)."""
     from .tracking_store import get_client as _get
 
-    return _get(tracking_uri)
+    return _get(tracking_uri, create=create)
 
 
 def is_not_found(exc: Exception) -> bool:

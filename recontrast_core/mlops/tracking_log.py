@@ -180,7 +180,13 @@ def log_evaluation(
     client = client or get_client()
     rid = _run_id(run_id)
     if isinstance(metrics_payload, (str, os.PathLike)):
-        payload = json.loads(Path(metrics_payload).read_text())
+        from ..runtime import load_json
+
+        payload = load_json(Path(metrics_payload))
+        if not isinstance(payload, dict):
+            from ..errors import UserError
+
+            raise UserError(f"{metrics_payload}: not a metrics.json (a JSON {type(payload).__name__})")
     else:
         payload = dict(metrics_payload)
     logged = log_metrics(payload.get("metrics", {}), rid, client=client)

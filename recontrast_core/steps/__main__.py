@@ -37,6 +37,8 @@ def _json_settings(text: str) -> dict:
         value = json.loads(text)
     except ValueError as exc:
         raise UserError(f"--settings-json is not JSON ({exc})") from None
+    except RecursionError:
+        raise UserError("--settings-json is nested too deeply to be settings") from None
     if not isinstance(value, dict):
         raise UserError("--settings-json must be a JSON object (a PipelineConfig)")
     return value

@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..evaluate import evaluate_bundle
 from ..mlops import registry
 from ..mlops import tracking as mlflow_tracking
+from ..mlops.redaction import redact_uri
 from ..promotion import Decision
 from ..runtime import atomic_write_json, read_json
 from .artifacts import METRICS_FILE, PathLike, bundle_run_id, find_bundle_dir, load_manifest
@@ -102,7 +103,8 @@ def register(
             "pipeline_run_id": pid,
             "run_id": run_id,
             "model_uri": model_uri,
-            "tracking_uri": mlflow_tracking.resolve_tracking_uri(tracking.tracking_uri or None),
+            # written to register.json and printed: a password in the URI is redacted
+            "tracking_uri": redact_uri(mlflow_tracking.resolve_tracking_uri(tracking.tracking_uri or None)),
         }
         mlflow_tracking.set_tags({"registered_version": version, "promotion_decision": decision_label}, run_id)
         mlflow_tracking.log_metrics({"register/promoted": float(decision.promote)}, run_id)

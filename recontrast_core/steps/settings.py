@@ -71,7 +71,8 @@ def apply_overrides(base: Union[BaseModel, Mapping[str, Any], None], overrides: 
         try:
             base = model.model_validate(json.loads(json.dumps(dict(base), default=str)))
         except Exception as exc:
-            raise UserError(f"invalid settings: {_first_error(exc)}") from exc
+            hint = _unknown_key_hint(exc) if model is PipelineConfig else None
+            raise UserError(hint or f"invalid settings: {_first_error(exc)}") from exc
     data: dict[str, Any] = base.model_dump(mode="json")  # whole: a dotted key edits one leaf
     if isinstance(overrides, Mapping):
         items = [(k, v) for k, v in overrides.items() if v is not None]
@@ -114,17 +115,52 @@ def load_settings(params: Optional[PathLike] = None, overrides: Overrides = None
         params = profile_path(str(params))
     if params is not None:
         path = Path(params)
-        try:
-            base = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UserError(f"{path}: cannot read settings: {exc}") from exc
-        if not isinstance(base, dict):
-            raise UserError(f"{path}: expected a mapping of settings, got {type(base).__name__}")
+        base = _read_settings_file(path)
         try:
             PipelineConfig.model_validate(base)
         except Exception as exc:
-            raise UserError(f"{path}: invalid setting {_first_error(exc)}") from exc
+            raise UserError(f"{path}: {_unknown_key_hint(exc) or 'invalid setting ' + _first_error(exc)}") from None
     return apply_overrides(base, overrides)
+
+
+SETTINGS_MAX_BYTES = 16 * 2**20  # a params.yaml is a few KB; anything this big is not one
+
+
+def _read_settings_file(path: Path) -> dict:
+    """The mapping in a settings file; every problem one line naming the file (binary,
+    too large, invalid or too deeply nested YAML, not a mapping)."""
+    try:
+        size = path.stat().st_size
+        if size > SETTINGS_MAX_BYTES:
+            raise UserError(f"{path}: cannot read settings: {size / 2**20:.0f} MB is not a settings file "
+                            f"(limit {SETTINGS_MAX_BYTES // 2**20} MB)")
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: cannot read settings: not a text file (byte {exc.start} is not UTF-8)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read settings: {exc.strerror or exc}") from None
+    try:
+        base = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: cannot read settings: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise UserError(f"{path}: cannot read settings: nested too deeply to be a settings file") from None
+    if not isinstance(base, dict):
+        raise UserError(f"{path}: expected a mapping of settings, got {type(base).__name__}")
+    return base
+
+
+def _unknown_key_hint(exc: Exception) -> Optional[str]:
+    """For an unknown key (pydantic's extra_forbidden): the message of :func:`_check_key`,
+    which names the closest known key, as ``--set`` gives it."""
+    errors = getattr(exc, "errors", lambda: [])()
+    for e in errors:
+        if e.get("type") == "extra_forbidden":
+            try:
+                _check_key(PipelineConfig, ".".join(str(x) for x in e["loc"]))
+            except UserError as hint:
+                return str(hint)
+    return None
 
 
 def _first_error(exc: Exception) -> str:
