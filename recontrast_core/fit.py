@@ -41,7 +41,7 @@ from .inference import image_scores
 from .models.fused import FusedScorer, fit_quantiles
 from .models.patchknn import fit_patchknn
 from .progress import track_steps
-from .runtime import resolve_device
+from .runtime import output_lock, resolve_device
 from .scoring import ScoringHead
 from .selection import SelectionSet, choose, rank_key, rank_metrics, split_test
 from .train import FEW_SHOT_CALIBRATION_VIEWS, train_model
@@ -198,7 +198,7 @@ def run_grid(model: ModelConfig, fit_images: Callable[[int], torch.Tensor], sele
 
 
 # ----------------------------------------------------------------------------- fit
-def fit_detector(
+def _fit_detector(
     manifest: Manifest,
     model: ModelConfig,
     cfg: TrainConfig,
@@ -329,6 +329,16 @@ def fit_detector(
     r = trained
     return FitResult(bundle, chosen, selection, r.history if r else [], r.iterations if r else 0,
                      r.wall_time_s if r else 0.0, r.images_per_s if r else 0.0, r.checkpoint if r else None)
+
+
+def fit_detector(manifest: Manifest, model: ModelConfig, cfg: TrainConfig, out_dir: Path, **kw) -> FitResult:
+    """Fit ``model.kind`` into ``out_dir`` (:func:`_fit_detector`), holding the folder for this
+    run: a second run into the same ``out_dir`` is refused in one line (under torchrun the
+    main process holds it)."""
+    if not distributed.is_main_process():
+        return _fit_detector(manifest, model, cfg, out_dir, **kw)
+    with output_lock(Path(out_dir), "training output folder"):
+        return _fit_detector(manifest, model, cfg, out_dir, **kw)
 
 
 def fuse_existing(recontrast_bundle: Path, manifest: Manifest, model: ModelConfig, out_dir: Path, *,

@@ -21,7 +21,7 @@ from .calibration import normalise
 from .data.images import is_image_filename
 from .errors import UserError
 from .plots import overlay
-from .runtime import atomic_write, ensure_output_dir, honour_umask
+from .runtime import atomic_write, ensure_output_dir, honour_umask, output_lock
 
 from .filenames import RESULTS_FILE  # noqa: E402
 
@@ -44,7 +44,7 @@ def expand_inputs(paths: Iterable[Union[str, Path]]) -> list[Path]:
 
 
 
-def predict_paths(
+def _predict_paths(
     bundle: Union[str, Path, Detector],
     paths: Iterable[Union[str, Path]],
     out_dir: Optional[Path] = None,
@@ -70,6 +70,10 @@ def predict_paths(
     files = expand_inputs(paths)
     rows: list[dict] = []
     staging = None
+    if out is not None:  # a killed earlier run's staging folders (kill -9 skips the clean-up)
+        for stale in out.glob(".overlays.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
     if out is not None and overlays:
         staging = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out))
         honour_umask(staging, directory=True)  # mkdtemp makes it 0700
@@ -144,3 +148,12 @@ def write_results(rows: Iterable[dict], path: Path, fields: Sequence[str] = RESU
             w.writerows(rows)
 
     return atomic_write(path, _write)
+
+
+def predict_paths(bundle, paths, out_dir: Optional[Path] = None, **kw) -> list[dict]:
+    """Score ``paths`` (:func:`_predict_paths`: the results table, overlays, failures); with
+    ``out_dir`` the folder is held for this run: a second run into it is refused in one line."""
+    if out_dir is None:
+        return _predict_paths(bundle, paths, None, **kw)
+    with output_lock(Path(out_dir), "predict output folder"):
+        return _predict_paths(bundle, paths, out_dir, **kw)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import contextlib
 import tempfile
 import threading
 from pathlib import Path
@@ -411,3 +412,47 @@ def read_safetensors(path: Path, what: str, error: Optional[type] = None) -> dic
         return load_file(str(path))
     except Exception as exc:  # truncated, not a safetensors file
         raise error(f"{path}: cannot read the {what}: corrupt or truncated ({first_line(exc, 160)})") from None
+
+
+LOCK_FILE = ".recontrast.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path, what: str = "output folder"):
+    """Hold ``out_dir`` for one writer: a second run into the same folder gets one line
+    ("in use by pid N") instead of colliding on its temporary files. An OS file lock
+    (``flock``) on ``out_dir/.recontrast.lock``: a killed run (kill -9) releases it with its
+    process; a finished run removes the file (outputs stay the same bytes, for DVC's cache)."""
+    import fcntl
+
+    from .errors import UserError
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"{out_dir}: {what} in use by another recontrast run (pid {holder}); "
+                            "wait for it or choose another folder") from None
+        try:  # the holder before us may have removed the file we opened: lock the one on disk
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield out_dir
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        f.close()

@@ -33,6 +33,8 @@ allowed train/test duplicates.
 
 from __future__ import annotations
 
+import os
+
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -156,11 +158,36 @@ def _check_mask(src: "Path | AnnotationRef", decode: bool) -> tuple[Optional[tup
     return size, problem, 0
 
 
+def _escapes_root(path: Path, root: Path) -> Optional[Path]:
+    """Where ``path`` really is, when it lies under ``root`` by name but a symlink (of the file
+    or of a folder on the way) takes it outside; else None. Paths outside ``root`` by name
+    (a layout option pointing elsewhere) are not this check's business."""
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return None
+    real = path.resolve()
+    try:
+        real.relative_to(root.resolve())
+        return None
+    except ValueError:
+        return real
+
+
 def _check_row(manifest: Manifest, e: ManifestEntry, decode: bool) -> _RowResult:
     problems: list[tuple[str, str]] = []
     warnings: list[str] = []
     src = manifest.source(e.path)
     img_path = src if isinstance(src, AnnotationRef) else manifest.abspath(e.path)
+    root = Path(os.path.abspath(manifest.root))
+    for what, rel in (("image", e.path), ("mask", e.mask_path)):
+        if not rel or isinstance(manifest.source(rel), AnnotationRef):
+            continue
+        real = _escapes_root(Path(os.path.abspath(manifest.abspath(rel))), root)
+        if real is not None:
+            problems.append((str(manifest.abspath(rel)), f"{what} is a symlink that leaves the dataset root "
+                                                         f"{root} (-> {real}); copy the file into the dataset"))
+            return _RowResult(problems, None, None, None, warnings)
     if e.label not in (0, 1):
         problems.append((str(img_path), f"label must be 0 (normal) or 1 (anomalous), not {e.label!r}"))
     if e.split not in SPLITS:
