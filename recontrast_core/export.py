@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -205,7 +206,7 @@ def export_bundle(bundle_dir: Union[str, Path], out_dir: Union[str, Path], fmt: 
     :class:`UserError` (one line) for an unknown format, a folder that is not a bundle, a
     missing extra or an unwritable ``out_dir``, before any work."""
     from .bundle import read_bundle_meta
-    from .runtime import atomic_write_json, ensure_output_dir
+    from .runtime import atomic_write, atomic_write_json, ensure_output_dir, honour_umask
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -217,20 +218,26 @@ def export_bundle(bundle_dir: Union[str, Path], out_dir: Union[str, Path], fmt: 
     out = ensure_output_dir(out_dir, "export folder")
     detector = _load(bundle_dir)
     metadata = export_metadata(detector, Path(bundle_dir), fmt)
+    # export.json is the completion marker, written last: a failed export (a full disk, a
+    # kill) leaves none, and the model files are written beside and renamed into place
+    (out / META_FILE).unlink(missing_ok=True)
     if fmt == "onnx":
-        model_path = _write_onnx(detector, out / ONNX_FILE, metadata)
+        model_path = atomic_write(out / ONNX_FILE, lambda tmp: _write_onnx(detector, tmp, metadata))
         files = [ONNX_FILE]
     else:
         ov = require("openvino")
-        with tempfile.TemporaryDirectory(prefix=".onnx-", dir=out) as tmp:
+        files = [OPENVINO_FILE, Path(OPENVINO_FILE).with_suffix(".bin").name]
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
             onnx_path = _write_onnx(detector, Path(tmp) / ONNX_FILE, metadata)
             model = ov.convert_model(str(onnx_path))
-        for key, value in metadata.items():
-            model.set_rt_info(value, [RT_INFO_ROOT, key])
+            for key, value in metadata.items():
+                model.set_rt_info(value, [RT_INFO_ROOT, key])
+            # fp32 weights: OpenVINO compresses them to fp16 by default, which is not the bundle
+            ov.save_model(model, str(Path(tmp) / OPENVINO_FILE), compress_to_fp16=False)
+            for name in reversed(files):  # the weights first, then the graph that names them
+                honour_umask(Path(tmp) / name)
+                os.replace(Path(tmp) / name, out / name)
         model_path = out / OPENVINO_FILE
-        # fp32 weights: OpenVINO compresses them to fp16 by default, which is not the bundle
-        ov.save_model(model, str(model_path), compress_to_fp16=False)
-        files = [OPENVINO_FILE, Path(OPENVINO_FILE).with_suffix(".bin").name]
     atomic_write_json(out / META_FILE, {**parse_metadata(metadata), "files": files,
                                         "input_name": INPUT_NAME, "output_names": list(OUTPUT_NAMES)})
     return model_path

@@ -56,3 +56,28 @@ def test_a_strict_umask_is_honoured_too(tmp_path: Path, umask) -> None:
     umask(0o022)
     p = atomic_write_json(tmp_path / "y.json", {"a": 1})
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
+def test_an_export_that_fails_midway_leaves_no_marker_and_no_half_file(tmp_path: Path, umask, monkeypatch) -> None:
+    """export.json is the completion marker: written last, removed first; model.onnx goes
+    through a temporary file (a failure while writing it leaves the old file or none)."""
+    import recontrast_core.export as ex
+    from recontrast_core.errors import UserError  # noqa: F401
+
+    data = build_tiny_mvtec(tmp_path / "ds", n_train=8, size=(64, 64))
+    small = TrainConfig(image_size=64, iterations=2, batch_size=4, decoder_blocks=(1, 1, 1), bottleneck_blocks=1,
+                        device="cpu")
+    bundle = fit_detector(read_mvtec(data), ModelConfig(kind="patchknn", patchknn={"image_size": 64, "fraction": 0.3}),
+                          small, tmp_path / "out", progress=False).bundle_dir
+    out = tmp_path / "export"
+    ex.export_bundle(bundle, out, "onnx")
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "export.json"}
+    assert stat.S_IMODE((out / "model.onnx").stat().st_mode) == 0o644
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ex.torch.onnx, "export", disk_full)
+    with pytest.raises(OSError):
+        ex.export_bundle(bundle, out, "onnx")
+    assert {p.name for p in out.iterdir()} == {"model.onnx"}  # the old graph, no marker, no temp file
