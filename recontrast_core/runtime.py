@@ -121,19 +121,28 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-def json_max_bytes() -> int:
-    """The size limit of a JSON file: ``RECONTRAST_JSON_MAX_MB`` (default 1024 MB)."""
+def positive_env(name: str, default: float, message: str = "{name}={raw!r}: expected a number > 0",
+                 integer: bool = False) -> float:
+    """A finite number > 0 (a whole one with ``integer``) from the environment variable
+    ``name``; unset or blank: ``default``. Anything else is a UserError: ``message`` formatted
+    with ``name`` and ``raw``."""
     from .errors import UserError
 
-    raw = os.environ.get(JSON_MAX_MB_ENV, "").strip()
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return int(JSON_MAX_MB_DEFAULT * 1e6)
+        return default
     try:
-        mb = float(raw)
-        if not (mb > 0 and mb != float("inf")):
+        value = int(raw) if integer else float(raw)
+        if not 0 < value < float("inf") or (integer and value < 1):
             raise ValueError
     except ValueError:
-        raise UserError(f"{JSON_MAX_MB_ENV}={raw!r}: expected a size in MB > 0, e.g. 2048") from None
+        raise UserError(message.format(name=name, raw=raw)) from None
+    return value
+
+
+def json_max_bytes() -> int:
+    """The size limit of a JSON file: ``RECONTRAST_JSON_MAX_MB`` (default 1024 MB)."""
+    mb = positive_env(JSON_MAX_MB_ENV, JSON_MAX_MB_DEFAULT, "{name}={raw!r}: expected a size in MB > 0, e.g. 2048")
     return int(mb * 1e6)
 
 

@@ -31,6 +31,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from ..errors import UserError
+from ..runtime import positive_env
 from .redaction import redact_uri
 
 DEFAULT_EXPERIMENT = "recontrast"
@@ -71,16 +72,7 @@ def resolve_tracking_uri(
 
 def tracking_timeout() -> float:
     """Seconds to wait for a tracking server to answer: ``RECONTRAST_TRACKING_TIMEOUT`` (default 10)."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-        if not 0 < value < float("inf"):
-            raise ValueError
-    except ValueError:
-        raise UserError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0") from None
-    return value
+    return positive_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, "{name}={raw!r}: expected a number of seconds > 0")
 
 
 def bound_http_retries() -> None:

@@ -46,6 +46,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...errors import UserError, first_line
+from ...runtime import positive_env
 from ..model_source import parse_model_uri
 from . import v2_rest
 
@@ -77,14 +78,8 @@ DEFAULT_MAX_IMAGES = 64
 
 
 def max_images_per_request() -> int:
-    raw = os.environ.get("RECONTRAST_MAX_IMAGES_PER_REQUEST", str(DEFAULT_MAX_IMAGES))
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UserError(f"RECONTRAST_MAX_IMAGES_PER_REQUEST must be a positive integer, got {raw!r}")
-    return value
+    return positive_env("RECONTRAST_MAX_IMAGES_PER_REQUEST", DEFAULT_MAX_IMAGES,
+                        "{name} must be a positive integer, got {raw!r}", integer=True)
 _BASE64 = re.compile(rb"^(data:[^,]*,)?[A-Za-z0-9+/=\s]*$")
 
 

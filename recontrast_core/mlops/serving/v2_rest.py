@@ -36,6 +36,7 @@ import numpy as np
 from fastapi import Request  # resolved by FastAPI from this module's globals (string annotations)
 
 from ...errors import UserError
+from ...runtime import positive_env
 
 log = logging.getLogger("recontrast.serve")
 
@@ -72,14 +73,8 @@ def clip(message: str) -> str:
 
 
 def max_request_bytes() -> int:
-    raw = os.environ.get("RECONTRAST_MAX_REQUEST_MB", str(DEFAULT_MAX_REQUEST_MB))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise UserError(f"RECONTRAST_MAX_REQUEST_MB must be a positive number, got {raw!r}")
-    return int(value * 2**20)
+    mb = positive_env("RECONTRAST_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB, "{name} must be a positive number, got {raw!r}")
+    return int(mb * 2**20)
 
 
 # ---------------------------------------------------------------------- request bodies
