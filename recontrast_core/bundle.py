@@ -35,7 +35,7 @@ from .errors import UserError, first_line
 from .data.cache import batch_slices
 from .models.kinds import get_kind
 from .models.recontrast import ReContrast, ReContrastScorer
-from .runtime import amp_dtype_for, honour_umask, load_json, read_safetensors, resolve_device
+from .runtime import amp_dtype_for, fsync_path, honour_umask, note_output, load_json, read_safetensors, resolve_device, staged_write
 from .scoring import ScoringHead
 
 BUNDLE_FORMAT = "recontrast-bundle/1"
@@ -71,16 +71,35 @@ def save_bundle(
 
     ``model``: a kind's scorer, or a bare :class:`ReContrast` (wrapped at ``cfg.image_size``).
     ``cfg``: the ReContrast settings (None for a training-free kind)."""
-    from safetensors.torch import save_file
-
     scorer = ReContrastScorer(model, cfg.image_size) if isinstance(model, ReContrast) else model
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_bundle_files(tmp, scorer, cfg, inference, calibration, dataset_fingerprint, training, selection)
+        if out_dir.exists():  # the old bundle is moved aside, not deleted, until the new one is in place
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+        fsync_path(out_dir.parent, directory=True)
+        note_output(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_bundle_files(tmp: Path, scorer, cfg, inference, calibration, dataset_fingerprint, training,
+                        selection) -> None:
+    from safetensors.torch import save_file
+
     tmp.mkdir(parents=True)
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in scorer.bundle_state().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE))
+    staged_write(tmp / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
     honour_umask(tmp / WEIGHTS_FILE)  # safetensors writes 0600
     meta = {
         "format": BUNDLE_FORMAT,
@@ -103,11 +122,8 @@ def save_bundle(
     }
     if isinstance(scorer, ReContrastScorer):
         meta["channels"] = list(scorer.model.encoder.channels)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    text = json.dumps(meta, indent=2)
+    staged_write(tmp / META_FILE, lambda p: p.write_text(text))
 
 
 def read_bundle_meta(bundle_dir: Path) -> dict:

@@ -14,6 +14,10 @@ class UserError(Exception):
     """Bad input from the user (a file, a field, a setting). Never a bug in our code."""
 
 
+class DiskFullError(UserError):
+    """An output could not be written: the disk (or quota) is full. Names the file."""
+
+
 class DataValidationError(UserError):
     """A dataset file fails validation. The message names the file and the problem."""
 

@@ -15,3 +15,6 @@ METRICS_FILE = "metrics.json"
 SCORES_FILE = "scores.csv"
 # prediction (recontrast_core.predict)
 RESULTS_FILE = "results.csv"
+# every step's output folder: "running" while the step writes, "complete" when it finished
+# (recontrast_core.runtime.step_outputs); the next step refuses a folder not complete
+STEP_MARKER_FILE = ".recontrast-step.json"

@@ -21,7 +21,7 @@ from .calibration import normalise
 from .data.images import is_image_filename
 from .errors import UserError
 from .plots import overlay
-from .runtime import atomic_write, ensure_output_dir, honour_umask, output_lock
+from .runtime import atomic_write, ensure_output_dir, honour_umask, note_output, staged_write, step_outputs
 
 from .filenames import RESULTS_FILE  # noqa: E402
 
@@ -70,10 +70,6 @@ def _predict_paths(
     files = expand_inputs(paths)
     rows: list[dict] = []
     staging = None
-    if out is not None:  # a killed earlier run's staging folders (kill -9 skips the clean-up)
-        for stale in out.glob(".overlays.*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
     if out is not None and overlays:
         staging = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out))
         honour_umask(staging, directory=True)  # mkdtemp makes it 0700
@@ -85,7 +81,7 @@ def _predict_paths(
                 for i, (row, img) in enumerate(score_files(detector, chunk, overlays=staging is not None)):
                     if img is not None:
                         name = f"{start + i:05d}_{chunk[i].stem}.png"
-                        Image.fromarray(img).save(staging / name, format="PNG")
+                        staged_write(staging / name, lambda p, img=img: Image.fromarray(img).save(p, format="PNG"))
                         row["overlay"] = str(out / OVERLAYS_DIR / name)
                     rows.append(row)
                 bar.advance(len(chunk))
@@ -96,6 +92,7 @@ def _predict_paths(
                 if final.exists():
                     shutil.rmtree(final)
                 staging.rename(final)
+                note_output(final)
                 staging = None
     finally:
         if staging is not None:
@@ -155,5 +152,5 @@ def predict_paths(bundle, paths, out_dir: Optional[Path] = None, **kw) -> list[d
     ``out_dir`` the folder is held for this run: a second run into it is refused in one line."""
     if out_dir is None:
         return _predict_paths(bundle, paths, None, **kw)
-    with output_lock(Path(out_dir), "predict output folder"):
+    with step_outputs(Path(out_dir), "predict"):
         return _predict_paths(bundle, paths, out_dir, **kw)

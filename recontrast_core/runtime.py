@@ -7,7 +7,9 @@ import json
 import os
 import random
 import re
+import shutil
 import contextlib
+import errno
 import tempfile
 import threading
 from pathlib import Path
@@ -74,23 +76,151 @@ def honour_umask(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+# ---------------------------------------------------------------------------------------
+# the one write path: every output file is counted (the disk-full failpoint), fsynced and
+# renamed into place; a full disk becomes one line naming the file
+# ---------------------------------------------------------------------------------------
+# benchmarks/faults.py and tests set these; never set otherwise.
+FAILPOINT_ENOSPC_ENV = "RECONTRAST_FAILPOINT_ENOSPC_AT"  # N: the Nth write of the process fails
+WRITE_LOG_ENV = "RECONTRAST_WRITE_LOG"  # a file: each write point's target path appended
+_WRITE_COUNT = 0
+_WRITE_LOCK = threading.Lock()
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_TEXT = ("No space left on device", "StorageFull", "QuotaExceeded", "Disk quota exceeded",
+                   "file write failed", "FileTooLarge")
+
+
+class _StepFrame:
+    """The files one step wrote under its output folder (removed when the step fails)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir).resolve()
+        self.written: list[Path] = []
+
+    def note(self, path: Path) -> None:
+        try:
+            path.resolve().relative_to(self.out_dir)
+        except ValueError:
+            return
+        with _WRITE_LOCK:
+            self.written.append(path)
+
+
+_STEP_FRAMES: list[_StepFrame] = []
+
+
+def note_output(path: Path) -> None:
+    """Record a folder renamed into place whole (a bundle, overlays/) as an output of the
+    running step: removed with the step's files when the step fails."""
+    for frame in _STEP_FRAMES:
+        frame.note(Path(path))
+
+
+def write_point(path: Path) -> None:
+    """Count one output write (of ``path``); with ``RECONTRAST_FAILPOINT_ENOSPC_AT=N`` the Nth
+    write of this process raises ``OSError(ENOSPC)``, as a full disk would."""
+    global _WRITE_COUNT
+    with _WRITE_LOCK:
+        _WRITE_COUNT += 1
+        n = _WRITE_COUNT
+    for frame in _STEP_FRAMES:
+        frame.note(Path(path))
+    log = os.environ.get(WRITE_LOG_ENV)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{n}\t{path}\n")
+    at = os.environ.get(FAILPOINT_ENOSPC_ENV, "").strip()
+    if at.isdigit() and int(at) == n:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def reset_write_points() -> None:
+    """Start counting writes from 1 again (tests run several commands in one process)."""
+    global _WRITE_COUNT
+    with _WRITE_LOCK:
+        _WRITE_COUNT = 0
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A full disk or quota, however the writer reports it (OSError errno; torch's
+    "file write failed"; safetensors' "StorageFull")."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    return any(t in str(exc) for t in _DISK_FULL_TEXT)
+
+
+def disk_full_message(exc: BaseException) -> Optional[str]:
+    """One line for a full-disk failure raised outside :func:`atomic_write` (a dataset copy,
+    a download): the file when the error names it; None when ``exc`` is no full disk."""
+    if not is_disk_full(exc):
+        return None
+    where = getattr(exc, "filename", None)
+    return f"{where or 'an output'}: cannot write, no space left on device (free space, then run again)"
+
+
+def disk_full_error(path: Path, exc: BaseException):
+    """The one-line error for a write of ``path`` that failed on a full disk."""
+    from .errors import DiskFullError
+
+    return DiskFullError(f"{path}: cannot write, no space left on device (free space, then run again; "
+                         "nothing was left half-written)")
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the disk; best effort where the
+    file system cannot (some network mounts refuse fsync on folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL_ERRNOS:
+            raise
+    finally:
+        os.close(fd)
+
+
+def staged_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` inside a staging folder that is renamed into place as a whole (a
+    bundle, an overlays folder): counted, fsynced, a full disk reported in one line. The
+    caller removes the staging folder when this raises."""
+    path = Path(path)
+    try:
+        write_point(path)
+        write(path)
+        fsync_path(path)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, exc) from None
+        raise
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write via a temporary file in the same folder, then rename: never a half-written file.
-    The file gets the umask's mode (not the temporary file's 0600)."""
+    """Write via a temporary file in the same folder, fsync, then rename (and fsync the
+    folder): never a half-written file. The file gets the umask's mode (not the temporary
+    file's 0600). Every output of the tool goes through here (or :func:`staged_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        write_point(path)
         write(Path(tmp))
+        fsync_path(Path(tmp))
         honour_umask(Path(tmp))
         if _FAILPOINT_WRITE_SLEEP:  # fault injection only (benchmarks/faults.py): widen the window
             import time
 
             time.sleep(_FAILPOINT_WRITE_SLEEP)
         os.replace(tmp, path)
-    except BaseException:
+        fsync_path(path.parent, directory=True)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full_error(path, exc) from None
         raise
     return path
 
@@ -424,6 +554,7 @@ def read_safetensors(path: Path, what: str, error: Optional[type] = None) -> dic
 
 
 LOCK_FILE = ".recontrast.lock"
+_HELD_LOCKS: set[str] = set()  # output folders this process holds
 
 
 @contextlib.contextmanager
@@ -439,6 +570,10 @@ def output_lock(out_dir: Path, what: str = "output folder"):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
+    key = str(out_dir.resolve())
+    if key in _HELD_LOCKS:  # this process holds it already (a step around the core function)
+        yield out_dir
+        return
     while True:
         f = open(path, "a+")
         try:
@@ -460,8 +595,90 @@ def output_lock(out_dir: Path, what: str = "output folder"):
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
+        _HELD_LOCKS.add(key)
         yield out_dir
     finally:
+        _HELD_LOCKS.discard(key)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         f.close()
+
+
+# ---------------------------------------------------------------------------------------
+# completion markers: a step's outputs count only when its marker says "complete"
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def step_outputs(out_dir: Path, step: str):
+    """Mark ``out_dir`` as the ``step``'s output folder being written: its marker
+    (:data:`~recontrast_core.filenames.STEP_MARKER_FILE`) says ``running`` first and
+    ``complete`` (with the list of files) last. When the body raises, the files it wrote are
+    removed and the marker says ``failed`` (kill -9 leaves ``running``): the next step's
+    :func:`require_complete` refuses the folder either way. The marker holds no times, so a
+    rerun writes the same bytes (DVC's cache). The folder is held (:func:`output_lock`) for
+    the step, and temporaries of killed runs are removed first."""
+    out = Path(out_dir)
+    with output_lock(out, f"{step} output folder"):
+        remove_stale_staging(out)
+        with _marked(out, step):
+            yield out
+
+
+def remove_stale_staging(out: Path) -> int:
+    """Remove what killed runs left in ``out`` (kill -9 skips every clean-up): temporary
+    files of :func:`atomic_write` (``.NAME.*.tmp``), staging folders (``.NAME.tmp``,
+    ``.NAME.old``, ``.overlays.*``) in ``out`` and its sub-folders one level down (a copied
+    dataset deeper down is left alone). Only called with ``out`` locked; returns how many."""
+    n = 0
+    for p in [*Path(out).glob(".*"), *Path(out).glob("*/.*")]:
+        name = p.name
+        if name.endswith((".tmp", ".old")) or name.startswith(".overlays."):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                n += 1
+    return n
+
+
+@contextlib.contextmanager
+def _marked(out: Path, step: str):
+    from .filenames import STEP_MARKER_FILE
+
+    marker = out / STEP_MARKER_FILE
+    atomic_write_json(marker, {"step": step, "status": "running"})
+    frame = _StepFrame(out)
+    _STEP_FRAMES.append(frame)
+    try:
+        yield out
+        files = sorted(str(f.relative_to(out)) for f in out.rglob("*")  # hidden ones (marker, lock, temps) aside
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(out).parts))
+        atomic_write_json(marker, {"step": step, "status": "complete", "files": files})
+    except BaseException:
+        for path in frame.written:
+            if path != marker:
+                with contextlib.suppress(OSError):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.is_file():
+                        path.unlink()
+        with contextlib.suppress(Exception):
+            atomic_write_json(marker, {"step": step, "status": "failed"})
+        raise
+    finally:
+        _STEP_FRAMES.remove(frame)
+
+
+def require_complete(folder: Path, step: str) -> None:
+    """Refuse ``folder`` when its marker says the ``step`` that wrote it did not finish
+    (``running``: killed, or still at work; ``failed``). A folder without a marker (made by
+    hand, downloaded from a registry, written before markers existed) is accepted."""
+    from .errors import UserError
+    from .filenames import STEP_MARKER_FILE
+
+    marker = Path(folder) / STEP_MARKER_FILE
+    if not marker.is_file():
+        return
+    info = read_json(marker)
+    status = info.get("status") if isinstance(info, dict) else None
+    if status != "complete":
+        wrote = info.get("step", step) if isinstance(info, dict) else step
+        raise UserError(f"{folder}: the {wrote} step that wrote this folder did not finish "
+                        f"({STEP_MARKER_FILE}: {status or 'unreadable'}); run it again")

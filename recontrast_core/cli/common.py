@@ -31,10 +31,11 @@ def user_errors() -> Iterator[None]:
     except UserError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
-    except Exception as exc:  # a tracking server failing mid-command is no bug: one line
+    except Exception as exc:  # a full disk or a tracking server failing mid-command is no bug: one line
         from ..mlops.tracking_store import server_failure
+        from ..runtime import disk_full_message
 
-        line = server_failure(exc)
+        line = disk_full_message(exc) or server_failure(exc)
         if line is None:
             raise
         console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)

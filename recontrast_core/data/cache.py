@@ -23,6 +23,7 @@ mtime and size plus the selector.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -127,13 +128,14 @@ class ImageCache:
 
     def _save_disk(self, key: str, arr: np.ndarray) -> None:
         f = self._disk_file(key)
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_name(f"{f.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
             np.save(tmp, arr, allow_pickle=False)
             os.replace(tmp, f)
-        except OSError:
-            pass  # a read-only or full cache dir only costs speed
+        except OSError:  # a read-only or full cache dir only costs speed
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     # ---- one file ------------------------------------------------------------------------
     def _get(self, path: "Path | AnnotationRef", kind: str, content_sha: Optional[str]) -> np.ndarray:

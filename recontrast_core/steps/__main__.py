@@ -81,6 +81,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk outside the atomic writer (a dataset copy): one line
+        from ..runtime import disk_full_message
+
+        line = disk_full_message(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     if is_main_process():  # under torchrun, rank 0 answers
         print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else str(result))
     return 0

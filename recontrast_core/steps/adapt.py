@@ -9,7 +9,7 @@ from typing import Optional, Union
 from ..adapt import run_adapt
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
-from ..runtime import atomic_write_json, ensure_output_dir
+from ..runtime import atomic_write_json, ensure_output_dir, step_outputs
 from .artifacts import with_local_weights, ADAPT_SKIPPED_FILE, ENCODER_FILE, ENCODER_META_FILE, PathLike, load_manifest, select_shots
 from .records import DvcStage, Port, StepRecord, component_run_id, register_step
 from .settings import adapt_settings
@@ -30,7 +30,8 @@ def adapt(
     out = ensure_output_dir(out_dir)
     cfg = with_local_weights(adapt_settings(settings), out)
     rows = select_shots(load_manifest(manifest), cfg.shots)
-    with step_tracking("adapt", pipeline_run_id, settings.tracking, params={"adapt": cfg}) as run_id:
+    with step_outputs(out, "adapt"), \
+            step_tracking("adapt", pipeline_run_id, settings.tracking, params={"adapt": cfg}) as run_id:
         t0 = time.perf_counter()
         encoder = Path(run_adapt(rows, cfg, out, progress=progress))
         if run_id is not None:
@@ -46,9 +47,10 @@ def skip_adapt(out_dir: PathLike, reason: str = "adapt_method=none") -> Path:
     the backbone's own weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / ENCODER_FILE, out / ENCODER_META_FILE):
-        stale.unlink(missing_ok=True)
-    return atomic_write_json(out / ADAPT_SKIPPED_FILE, {"skipped": True, "reason": reason})
+    with step_outputs(out, "adapt"):
+        for stale in (out / ENCODER_FILE, out / ENCODER_META_FILE):
+            stale.unlink(missing_ok=True)
+        return atomic_write_json(out / ADAPT_SKIPPED_FILE, {"skipped": True, "reason": reason})
 
 
 # ----------------------------------------------------------------------------- its record

@@ -30,7 +30,7 @@ from typing import Optional, Union
 from ..data.manifest import Manifest
 from ..errors import UserError
 from ..filenames import BUNDLE_META_FILE, CANDIDATES_DIR, ENCODER_FILE, ENCODER_META_FILE, METRICS_FILE, SCORES_FILE  # noqa: F401
-from ..runtime import read_json
+from ..runtime import read_json, require_complete
 
 PathLike = Union[str, os.PathLike]
 
@@ -58,6 +58,7 @@ def load_manifest(path: Union[PathLike, Manifest]) -> Manifest:
     mpath = manifest_file(path)
     if not mpath.is_file():
         raise UserError(f"{mpath}: manifest not found (run the ingest step first)")
+    require_complete(mpath.parent, "ingest")
     manifest = Manifest.load(mpath)
     if Path(manifest.root).is_dir():
         return manifest
@@ -92,6 +93,7 @@ def find_encoder(path: Optional[PathLike]) -> Optional[Path]:
     p = Path(path)
     if p.is_file():
         return p
+    require_complete(p, "adapt")
     if (p / ADAPT_SKIPPED_FILE).is_file():
         return None
     if (p / ENCODER_FILE).is_file():

@@ -13,7 +13,7 @@ from ..data.layouts import PATH_OPTIONS, read_dataset, resolve_layout
 from ..data.report import DATASET_CARD_FILE, dataset_report
 from ..data.validate import validate_manifest
 from ..mlops.storage import download_s3_prefix, fetch_dvc_path, redacted_uri
-from ..runtime import atomic_write_json, ensure_output_dir
+from ..runtime import atomic_write_json, ensure_output_dir, step_outputs
 from .artifacts import DATA_DIR, INGEST_FILE, MANIFEST_FILE, PathLike
 from .records import DvcStage, Port, StepRecord, register_step, component_run_id
 from .tracked import log_artifacts, step_tracking
@@ -92,8 +92,8 @@ def ingest(
         **({"allow_duplicates": True} if allow_duplicates else {}),
         **({"layout_options": dict(layout_options)} if layout_options else {}),
     }
-    with step_tracking("ingest", pipeline_run_id, tracking, params=params,
-                        dvc_rev=commit or dvc_rev) as run_id:
+    with step_outputs(out, "ingest"), step_tracking("ingest", pipeline_run_id, tracking, params=params,
+                                                    dvc_rev=commit or dvc_rev) as run_id:
         options = _resolve_layout_options(layout_options, local)
         layout_read = resolve_layout(local, layout, options)
         manifest = read_dataset(local, layout=layout_read, **options)

@@ -16,7 +16,7 @@ from ..mlops import registry
 from ..mlops import tracking as mlflow_tracking
 from ..mlops.redaction import redact_uri
 from ..promotion import Decision
-from ..runtime import atomic_write_json, read_json
+from ..runtime import atomic_write_json, read_json, require_complete
 from .artifacts import METRICS_FILE, PathLike, bundle_run_id, find_bundle_dir, load_manifest
 from .records import DvcStage, Port, StepRecord, component_run_id, register_step
 from .tracked import step_tracking
@@ -61,6 +61,8 @@ def register(
     name = cfg.model_name
     device = device or settings.train.device
     bundle = find_bundle_dir(bundle_dir)
+    require_complete(Path(bundle_dir), "train")
+    require_complete(Path(metrics_path).parent, "evaluate")
     payload = read_json(Path(metrics_path))
     if not isinstance(payload, dict) or not isinstance(payload.get("metrics"), dict):
         raise UserError(f"{metrics_path}: not a metrics.json (run the evaluate step first)")

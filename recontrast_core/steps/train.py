@@ -9,7 +9,7 @@ from typing import Optional, Union
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
 from ..distributed import is_main_process
-from ..runtime import ensure_output_dir
+from ..runtime import ensure_output_dir, step_outputs
 from ..fit import fit_detector
 from .artifacts import PathLike, bundle_metadata, find_encoder, load_manifest, select_shots, with_local_weights
 from .records import DvcStage, Port, StepRecord, component_run_id, register_step
@@ -45,8 +45,9 @@ def train(
               "n_train_images": len(rows)}
     if not is_main_process():
         pipeline_run_id = None  # one MLflow run per step, from rank 0
-    with step_tracking("train", pipeline_run_id, settings.tracking, params=params,
-                       dataset_fingerprint=rows.fingerprint) as run_id:
+    with step_outputs(out, "train"), \
+            step_tracking("train", pipeline_run_id, settings.tracking, params=params,
+                          dataset_fingerprint=rows.fingerprint) as run_id:
         result = fit_detector(everything, settings.model, cfg, out, init_encoder=str(encoder) if encoder else None,
                               resume=resume, progress=progress, calibration=settings.calibration,
                               inference=settings.inference, few_shot=bool(settings.shots))

@@ -78,6 +78,8 @@ def test_an_export_that_fails_midway_leaves_no_marker_and_no_half_file(tmp_path:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ex.torch.onnx, "export", disk_full)
-    with pytest.raises(OSError):
+    from recontrast_core.errors import DiskFullError
+
+    with pytest.raises(DiskFullError, match="model.onnx: cannot write, no space left on device"):
         ex.export_bundle(bundle, out, "onnx")
     assert {p.name for p in out.iterdir()} == {"model.onnx"}  # the old graph, no marker, no temp file

@@ -5,6 +5,8 @@ folder is removed by the next run."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,9 @@ def test_a_killed_predicts_staging_folder_is_removed_next_run(tmp_path: Path) ->
     (stale / "00000_x.png").write_bytes(b"png")
     predict_paths(bundle, [str(p) for p in m.select(split="test").image_paths()], out_dir=out, progress=False)
     assert not stale.exists()
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    from recontrast_core.filenames import STEP_MARKER_FILE
+
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [STEP_MARKER_FILE]
 
 
 def test_a_second_writer_into_one_output_folder_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -93,14 +97,23 @@ def test_two_trainings_into_one_out_dir_the_second_is_one_line(tmp_path: Path) -
     from recontrast_core.config import ModelConfig, TrainConfig
     from recontrast_core.errors import UserError
     from recontrast_core.fit import fit_detector
-    from recontrast_core.runtime import output_lock
 
     m = read_mvtec(build_tiny_mvtec(tmp_path / "ds", n_train=8, size=(64, 64)))
     small = TrainConfig(image_size=64, iterations=2, batch_size=4, decoder_blocks=(1, 1, 1), bottleneck_blocks=1,
                         device="cpu")
     out = tmp_path / "run"
-    with output_lock(out):  # as if another `recontrast train --out run` were running
+    out.mkdir()
+    # another process holds the folder, as a running `recontrast train --out run` would
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"), str(out / ".recontrast.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="training output folder in use"):
             fit_detector(m, ModelConfig(kind="patchknn", patchknn={"image_size": 64}), small, out, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
     assert fit_detector(m, ModelConfig(kind="patchknn", patchknn={"image_size": 64, "fraction": 0.3}), small, out,
                         progress=False).bundle_dir.is_dir()
