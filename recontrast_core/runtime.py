@@ -149,6 +149,19 @@ def is_disk_full(exc: BaseException) -> bool:
     return any(t in str(exc) for t in _DISK_FULL_TEXT)
 
 
+# A writer that reports a full disk in its own words (torch: "unexpected pos N vs M") is
+# recognised by the file system itself: less than this free in the target's folder.
+DISK_NEARLY_FULL_BYTES = 1 << 20
+
+
+def disk_nearly_full(folder: Path) -> bool:
+    """Less than :data:`DISK_NEARLY_FULL_BYTES` free for this user in ``folder``'s file system."""
+    try:
+        return shutil.disk_usage(folder).free < DISK_NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
 def disk_full_message(exc: BaseException) -> Optional[str]:
     """One line for a full-disk failure raised outside :func:`atomic_write` (a dataset copy,
     a download): the file when the error names it; None when ``exc`` is no full disk."""
@@ -158,7 +171,7 @@ def disk_full_message(exc: BaseException) -> Optional[str]:
     return f"{where or 'an output'}: cannot write, no space left on device (free space, then run again)"
 
 
-def disk_full_error(path: Path, exc: BaseException):
+def disk_full_error(path: Path):
     """The one-line error for a write of ``path`` that failed on a full disk."""
     from .errors import DiskFullError
 
@@ -187,15 +200,27 @@ def staged_write(path: Path, write: Callable[[Path], None]) -> Path:
     bundle, an overlays folder): counted, fsynced, a full disk reported in one line. The
     caller removes the staging folder when this raises."""
     path = Path(path)
+    full = False
     try:
         write_point(path)
         write(path)
         fsync_path(path)
     except Exception as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(path, exc) from None
-        raise
+        if not (is_disk_full(exc) or disk_nearly_full(path.parent)):
+            raise
+        full = _drop(exc)
+    if full:
+        path.unlink(missing_ok=True)
+        raise disk_full_error(path)
     return path
+
+
+def _drop(exc: BaseException) -> bool:
+    """Forget a failed writer's traceback: its frames keep the writer (and its open file)
+    alive, and an open deleted file keeps the full disk full. Returns True."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    return True
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -206,6 +231,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    full = False
     try:
         write_point(path)
         write(Path(tmp))
@@ -218,10 +244,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
         fsync_path(path.parent, directory=True)
     except BaseException as exc:
+        if not (isinstance(exc, Exception) and (is_disk_full(exc) or disk_nearly_full(path.parent))):
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        full = _drop(exc)
+    if full:  # raised outside the handler: the writer's frames are gone, its file closed
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception) and is_disk_full(exc):
-            raise disk_full_error(path, exc) from None
-        raise
+        raise disk_full_error(path)
     return path
 
 
