@@ -293,10 +293,12 @@ def test_pipeline_local_dvc_s3_mlflow_registry(data_repo, pipeline_env, mlflow_s
     img = sorted((tiles_root / "test" / "crack").iterdir())[0]
     mlflow.set_tracking_uri(mlflow_server.url)
     mlflow.set_registry_uri(mlflow_server.url)
+    os.environ["RECONTRAST_ALLOWED_PATH_ROOT"] = str(tiles_root)  # `path` input is off unless a root is allowed
     try:
         model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
         out = model.predict(pd.DataFrame({"path": [str(img)]}))
     finally:
+        os.environ.pop("RECONTRAST_ALLOWED_PATH_ROOT", None)
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     assert list(out.columns) == ["score", "normalized_score", "decision"]

@@ -29,7 +29,8 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_the_registry_copy_is_bit_identical_and_scores_exactly_the_same(tiny_tile, mlflow_tracking, tmp_path):
+def test_the_registry_copy_is_bit_identical_and_scores_exactly_the_same(tiny_tile, mlflow_tracking, tmp_path,
+                                                                       monkeypatch):
     name = f"copy-{uuid.uuid4().hex[:8]}"
     small = TrainConfig(image_size=64, iterations=4, batch_size=4, decoder_blocks=(1, 1, 1), bottleneck_blocks=1,
                         device="cpu", checkpoint_every=4)
@@ -52,6 +53,7 @@ def test_the_registry_copy_is_bit_identical_and_scores_exactly_the_same(tiny_til
     import mlflow
     import pandas as pd
 
+    monkeypatch.setenv("RECONTRAST_ALLOWED_PATH_ROOT", str(tiny_tile))  # the `path` input is off otherwise
     model = mlflow.pyfunc.load_model(f"models:/{name}/{result['version']}")
     out = model.predict(pd.DataFrame({"path": paths}))
     for field in fields:
