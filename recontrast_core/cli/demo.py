@@ -4,7 +4,9 @@
 evaluate -> register through KFP's local runner (the same components as on a cluster)
 with CPU-sized settings (the packaged profile ``demo``: small images, few iterations; about
 10 minutes or less on 2 cores), MLflow in ``<workdir>/mlflow.db``, and ends by printing
-where to look: the MLflow UI command, the registered model and version, the champion.
+where to look: the MLflow UI command and links (experiment, run, registered version; they
+open the classic runs view, :func:`recontrast_core.mlops.tracking.ui_url`), the registered
+model and version, the champion.
 
 Data, first found:
 
@@ -156,6 +158,10 @@ def demo(
     else:
         result["mlflow_ui"] = f"open {shown_uri}"
     result["registry_status"] = f"recontrast registry status --model-name {model_name} --tracking-uri {shown_uri}"
+    # UI links (tracking.ui_url): they open MLflow 3's classic runs view, not its GenAI one
+    result.update(tracking.pipeline_links(result["pipeline_run_id"], experiment=cfg.tracking.experiment,
+                                          tracking_uri=tracking_uri, model_name=model_name,
+                                          version=result.get("version")))
     if not quiet:
         champion = result.get("champion")
         console.print(f"\n[bold green]done[/] in {result['wall_time_s']:.0f} s "
@@ -164,7 +170,12 @@ def demo(
                       f"({result['decision']}: {result['reason']})")
         console.print(f"champion: [bold]{model_name}@champion[/] = version {champion}" if champion
                       else "champion: none yet (the candidate stays challenger)")
-        console.print(f"MLflow UI: [bold]{result['mlflow_ui']}[/]  (then http://127.0.0.1:5000)")
+        console.print(f"MLflow UI: [bold]{result['mlflow_ui']}[/]"
+                      + ("  (then open the links below)" if tracking_uri.startswith("sqlite:///") else ""))
+        for key, what in (("mlflow_experiment", "runs     "), ("mlflow_run", "this run "),
+                          ("mlflow_model_version", "version  ")):
+            if result.get(key):
+                console.print(f"  {what} {result[key]}", soft_wrap=True)
         console.print(f"registry:  {result['registry_status']}")
     return result
 

@@ -14,11 +14,19 @@ otherwise it is re-evaluated on the candidate's evaluation set first
 (``evaluate_champion_fn``, from the register step), and without that function the
 candidate is not promoted.
 
-Version tags written here: ``pipeline_run_id``, ``dataset_fingerprint``,
-``metric.<name>`` (the candidate's evaluation), ``promotion_decision``
-(``promoted`` / ``rejected`` / ``forced`` / ``rolled_back``), ``promotion_reason``,
-``compared_with_version``, ``demoted_by`` and ``rolled_back_from``. Retrying
-:func:`register_candidate` for the same pipeline run returns the existing version.
+A version's evaluation metrics are **metrics of its logged model** (MLflow 3's LoggedModel
+behind ``models:/<model_id>``, e.g. the pyfunc of
+:func:`recontrast_core.mlops.serving.pyfunc_model.log_pyfunc`): logged with ``model_id``
+on the registering run, so the UI shows them on the model's page (and the run's), and
+:func:`version_metrics` reads them back for the gate. A version without a logged model
+(a bundle folder registered directly) keeps them as ``metric.<name>`` tags, the only place
+such a version has; versions registered before this change are read from those tags too.
+
+Version tags written here: ``pipeline_run_id``, ``dataset_fingerprint`` (plus the
+caller's, e.g. ``model_kind``), ``promotion_decision`` (``promoted`` / ``rejected`` /
+``forced`` / ``rolled_back``), ``promotion_reason``, ``compared_with_version``,
+``demoted_by`` and ``rolled_back_from``. Retrying :func:`register_candidate` for the same
+pipeline run returns the existing version.
 """
 
 from __future__ import annotations
@@ -75,7 +83,21 @@ def ensure_registered_model(client, model_name: str) -> None:
 
 
 def version_metrics(client, mv) -> dict[str, float]:
-    """The evaluation metrics stored on a version (``metric.*`` tags, else its run's)."""
+    """The evaluation metrics of a version: its logged model's metrics (the newest value of
+    each), else its ``metric.*`` tags (a version without a logged model, or one registered
+    before metrics moved to the logged model), else its run's metrics."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = version_model_id(mv)
+    if model_id:
+        try:
+            out = logged_model_metrics(client, model_id)
+        except MlflowException as exc:
+            if not is_not_found(exc):
+                raise  # a server error is not "no metrics"
+            out = {}  # the logged model was deleted: try the tags
+        if out:
+            return out
     out = {}
     for key, value in (mv.tags or {}).items():
         if key.startswith(METRIC_TAG_PREFIX):
@@ -84,8 +106,6 @@ def version_metrics(client, mv) -> dict[str, float]:
             except ValueError:
                 pass
     if not out and mv.run_id:
-        from mlflow.exceptions import MlflowException
-
         try:
             out = dict(client.get_run(mv.run_id).data.metrics)
         except MlflowException as exc:
@@ -93,6 +113,42 @@ def version_metrics(client, mv) -> dict[str, float]:
                 raise  # a server error is not "no metrics"
             out = {}  # the run was deleted: the version has no metrics to compare
     return out
+
+
+def version_model_id(mv) -> Optional[str]:
+    """The id of a version's logged model, or None. ``mv.model_id`` where the store returns it
+    (MLflow 3.17's REST API drops it from the version it returns), else its
+    ``models:/<model_id>`` source."""
+    model_id = getattr(mv, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(mv, "source", "") or "")
+    if source.startswith("models:/m-"):
+        return source[len("models:/") :].split("/")[0]
+    return None
+
+
+def logged_model_metrics(client, model_id: str) -> dict[str, float]:
+    """``{name: value}`` of a logged model's metrics, the newest (step, time) of each."""
+    newest: dict[str, tuple] = {}
+    for m in client.get_logged_model(model_id).metrics or []:
+        rank = (m.step or 0, m.timestamp or 0)
+        if m.key not in newest or rank >= newest[m.key][0]:
+            newest[m.key] = (rank, float(m.value))
+    return {key: value for key, (_, value) in newest.items()}
+
+
+def log_model_metrics(client, run_id: str, model_id: str, metrics: Mapping[str, float]) -> None:
+    """Log ``metrics`` as metrics of the logged model ``model_id`` (through ``run_id``:
+    MLflow keeps a model's metrics with the run that logged them)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(key, float(value), now, 0, model_id=model_id) for key, value in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
 def find_version_for_pipeline_run(client, model_name: str, pipeline_run_id: str):
@@ -181,19 +237,22 @@ def _register_locked(client, run_id, model_name, pipeline_run_id, metrics, finge
         TAG_PIPELINE_RUN_ID: pipeline_run_id,
         TAG_FINGERPRINT: fingerprint,
     }
-    for key, value in metrics.items():
-        num = metric_value(metrics, key)
-        if num is not None and not isinstance(value, bool):
-            version_tags[METRIC_TAG_PREFIX + key] = repr(num)
+    numeric = {key: num for key, value in metrics.items()
+               if (num := metric_value(metrics, key)) is not None and not isinstance(value, bool)}
+    source, model_id = _resolve_source(client, model_uri or f"runs:/{run_id}/{artifact_path}")
+    if model_id is not None:  # before the version exists: a version never lacks its metrics
+        log_model_metrics(client, run_id, model_id, numeric)
+    else:  # no logged model to carry them: the version's tags (module doc)
+        version_tags.update({METRIC_TAG_PREFIX + key: repr(num) for key, num in numeric.items()})
     version_tags.update(tags or {})
-    source = model_uri or f"runs:/{run_id}/{artifact_path}"
-    mv = _create_version(client, model_name, source, run_id, redact_tags(version_tags))
+    mv = client.create_model_version(model_name, source, run_id=run_id, tags=redact_tags(version_tags),
+                                     await_creation_for=60, model_id=model_id)
     client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
     return str(mv.version)
 
 
-def _create_version(client, model_name: str, source: str, run_id: str, tags: dict):
-    """Create a model version from ``source``.
+def _resolve_source(client, source: str) -> tuple[str, Optional[str]]:
+    """A model version's source and logged model id (or None) for ``source``.
 
     ``runs:/<run>/<name>`` resolves like ``mlflow.register_model``: to the MLflow 3
     LoggedModel called ``<name>`` on the run (``models:/<model_id>``, e.g. the pyfunc
@@ -212,9 +271,7 @@ def _create_version(client, model_name: str, source: str, run_id: str, tags: dic
             source = f"{artifact_root}/{rel}" if rel else artifact_root
     elif source.startswith("models:/m-"):
         model_id = source[len("models:/") :].split("/")[0]
-    return client.create_model_version(
-        model_name, source, run_id=run_id, tags=tags, await_creation_for=60, model_id=model_id
-    )
+    return source, model_id
 
 
 def _logged_model_id(client, run, name: str) -> Optional[str]:

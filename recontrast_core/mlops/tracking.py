@@ -17,6 +17,17 @@ reopens its own child run instead of adding a new one.
 Parent tags: ``pipeline_run_id``, ``git_commit`` (and ``mlflow.source.git.commit``),
 ``dvc_rev``, ``dataset_fingerprint``. Params are flattened (``a.b.c``) and pass through
 :func:`~.redaction.redact_params`: a credential never reaches MLflow.
+
+Links into the MLflow UI
+------------------------
+:func:`ui_url` builds every link the tool prints or logs (an experiment, a run, an
+artifact, a registered model version). MLflow 3's UI opens an experiment in its GenAI view
+(traces, "Evaluation runs") unless the URL says ``?workflowType=machine_learning`` (or the
+browser last chose "Machine learning" in the sidebar); the experiment tag
+``mlflow.experimentKind`` does not change that in MLflow 3.17. So every link carries that
+parameter and opens the classic runs table. MLflow's own "View run ... at" lines (printed
+when a run on a tracking server ends) lack it: :func:`step_run` and
+:func:`end_pipeline_run` turn them off and log this module's links instead (stderr).
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 from typing import Any, Iterator, Mapping, Optional
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from .redaction import redact_tags
 
@@ -55,6 +68,117 @@ TAG_PIPELINE_RUN_ID = "pipeline_run_id"
 TAG_STEP = "step"
 TAG_ROLE = "recontrast.role"  # "pipeline" on parents, "step" on children
 TAG_GIT_COMMIT = "git_commit"
+
+# The MLflow UI: where `mlflow ui` / `mlflow server` listen by default, and the query that
+# opens the classic (machine-learning) view instead of the GenAI one (module doc).
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+ML_VIEW_QUERY = "workflowType=machine_learning"
+_SUPPRESS_MLFLOW_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+# ---------------------------------------------------------------------------------------
+# links into the MLflow UI
+# ---------------------------------------------------------------------------------------
+def ui_base_url(tracking_uri: Optional[str] = None) -> str:
+    """The UI's address: a tracking server's own (``http(s)://host:port[/prefix]``, never
+    its user or password), else :data:`DEFAULT_UI_URL` (where ``mlflow ui`` on a SQLite or
+    file store listens)."""
+    uri = tracking_uri if tracking_uri is not None else resolve_tracking_uri()
+    parts = urlsplit(str(uri))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return DEFAULT_UI_URL
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def ui_url(
+    tracking_uri: Optional[str] = None,
+    *,
+    experiment_id: Optional[str] = None,
+    run_id: Optional[str] = None,
+    artifact_path: Optional[str] = None,
+    model_name: Optional[str] = None,
+    version: Optional[str] = None,
+) -> str:
+    """The one builder of MLflow UI links, each opening the classic runs view
+    (``?workflowType=machine_learning``, module doc):
+
+    * ``experiment_id``: the experiment's runs table, ``<ui>/#/experiments/<id>/runs?...``;
+    * ``+ run_id``: the run, ``.../runs/<run_id>?...``; ``+ artifact_path``: that artifact's
+      preview on the run's Artifacts tab;
+    * ``model_name`` (``+ version``): the registered model (version) page;
+    * nothing: the experiments list.
+    """
+    base = ui_base_url(tracking_uri)
+    if model_name is not None:
+        path = f"/models/{quote(str(model_name), safe='')}"
+        if version is not None:
+            path += f"/versions/{quote(str(version), safe='')}"
+    elif experiment_id is not None:
+        path = f"/experiments/{quote(str(experiment_id), safe='')}/runs"
+        if run_id is not None:
+            path += f"/{quote(str(run_id), safe='')}"
+            if artifact_path:
+                path += "/artifacts/" + quote(str(artifact_path).strip("/"), safe="/")
+    else:
+        path = "/experiments"
+    return f"{base}/#{path}?{ML_VIEW_QUERY}"
+
+
+def pipeline_links(
+    pipeline_run_id: str,
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: Optional[str] = None,
+    model_name: Optional[str] = None,
+    version: Optional[str] = None,
+) -> dict[str, str]:
+    """``{"mlflow_experiment", "mlflow_run", "mlflow_model_version"}``: UI links to the
+    pipeline's experiment, its parent run and the registered version (those that exist).
+    Best effort: a store that cannot be read gives fewer links, never an error."""
+    links: dict[str, str] = {}
+    try:
+        client = get_client(tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            links["mlflow_experiment"] = ui_url(tracking_uri, experiment_id=exp.experiment_id)
+            run = find_run(exp.experiment_id, {TAG_PIPELINE_RUN_ID: pipeline_run_id, TAG_ROLE: "pipeline"}, client)
+            if run is not None:
+                links["mlflow_run"] = ui_url(tracking_uri, experiment_id=exp.experiment_id, run_id=run.info.run_id)
+    except Exception:  # a link is a convenience: the run itself already succeeded
+        pass
+    if model_name and version:
+        links["mlflow_model_version"] = ui_url(tracking_uri, model_name=model_name, version=version)
+    return links
+
+
+def _log_run_link(client, run_id: str) -> None:
+    """One stderr line with the run's UI link, where MLflow would print its own (a
+    tracking server)."""
+    uri = str(getattr(client, "tracking_uri", "") or "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        run = client.get_run(run_id)
+        url = ui_url(uri, experiment_id=run.info.experiment_id, run_id=run_id)
+        sys.stderr.write(f"MLflow run {run.info.run_name}: {url}\n")
+    except Exception:
+        pass
+
+
+@contextlib.contextmanager
+def _own_run_links() -> Iterator[None]:
+    """MLflow's "View run ... at" lines off (they open the GenAI view) while inside."""
+    before = os.environ.get(_SUPPRESS_MLFLOW_LINKS)
+    os.environ[_SUPPRESS_MLFLOW_LINKS] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_SUPPRESS_MLFLOW_LINKS, None)
+        else:
+            os.environ[_SUPPRESS_MLFLOW_LINKS] = before
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,7 +286,9 @@ def end_pipeline_run(
     run = find_pipeline_run(pipeline_run_id, experiment, client)
     if run is None:
         return None
-    client.set_terminated(run.info.run_id, status=status)
+    with _own_run_links():
+        client.set_terminated(run.info.run_id, status=status)
+    _log_run_link(client, run.info.run_id)
     return run.info.run_id
 
 
@@ -211,5 +337,7 @@ def step_run(
     # Make it the active run (nested under whatever is active in this process).
     active = mlflow.active_run()
     nested = active is not None and active.info.run_id != run_id
-    with mlflow.start_run(run_id=run_id, nested=nested):
-        yield run_id
+    with _own_run_links():
+        with mlflow.start_run(run_id=run_id, nested=nested):
+            yield run_id
+    _log_run_link(client, run_id)

@@ -11,8 +11,8 @@ from ..config import PipelineConfig
 from ..data.manifest import Manifest
 from ..errors import UserError
 from ..evaluate import evaluate_bundle
-from ..plots import overlay_grid, plot_roc_pr
-from ..runtime import atomic_write_json, ensure_output_dir
+from ..plots import manifest_masks, overlay_grid, plot_roc_pr
+from ..runtime import atomic_write_json, ensure_output_dir, require_complete, step_outputs
 from .artifacts import (METRICS_FILE, METRICS_SUMMARY_FILE, PLOTS_DIR, PathLike, find_bundle_dir, load_manifest,
                         select_shots)
 from .records import DvcStage, Port, StepRecord, component_run_id, register_step
@@ -44,8 +44,10 @@ def evaluate(
     if len(test) == 0:
         raise UserError(f"{rows.root}: no test images to evaluate on")
     device = device or settings.train.device
-    with step_tracking("evaluate", pipeline_run_id, settings.tracking,
-                       params={"device": device, "n_test_images": len(test), "baseline": settings.baseline}) as run_id:
+    require_complete(Path(bundle_dir), "train")
+    with step_outputs(out, "evaluate"), \
+            step_tracking("evaluate", pipeline_run_id, settings.tracking,
+                          params={"device": device, "n_test_images": len(test), "baseline": settings.baseline}) as run_id:
         detector = load_detector(bundle, device)
         # few-shot: the baseline's bank holds the same shots as the model's training set
         payload = evaluate_bundle(detector, rows, out_dir=out, progress=progress, device=device,
@@ -60,7 +62,7 @@ def evaluate(
         plot_roc_pr([r["label"] for r in per_image], [r["score"] for r in per_image], out / PLOTS_DIR)
         if maps is not None and images is not None:
             overlay_grid(per_image, images, maps, detector.calibration, out / PLOTS_DIR / "overlay_grid.png",
-                         n=overlay_images)
+                         n=overlay_images, masks=manifest_masks(rows, per_image, maps.shape[-1]))
         if run_id is not None:
             from ..mlops import tracking as mlflow_tracking
 

@@ -86,6 +86,8 @@ def test_register_is_idempotent_per_pipeline_run(client, tmp_path):
     mv = client.get_model_version(name, v1)
     assert mv.tags["pipeline_run_id"] == pid
     assert mv.tags["dataset_fingerprint"] == FP_A
+    # a bundle folder registered directly has no logged model: its metrics stay version tags
+    assert registry.version_model_id(mv) is None
     assert float(mv.tags["metric.image_auroc"]) == pytest.approx(0.9)
 
 
@@ -142,7 +144,8 @@ def test_promotion_rules_and_rollback(client, tmp_path):
 
 
 def test_baseline_floor_through_the_registry(client, tmp_path):
-    """The baseline keys round-trip through the version's metric tags and the gate uses them."""
+    """The baseline keys round-trip through the version's metric tags (a bundle folder: no
+    logged model) and the gate uses them; the logged model path: test_version_metrics_are_..."""
     name = _uid("m")
     policy = POLICY.model_copy(update={"baseline_floor": True})  # baseline_rule="bootstrap"
     # no baseline in the metrics: refused, however good (the floor fails closed)
@@ -168,6 +171,62 @@ def test_baseline_floor_through_the_registry(client, tmp_path):
     assert "baseline delta -0.010 [-0.030, +0.006]" in tags["promotion_reason"]
     assert float(tags["metric.baseline_delta_image_auroc_hi"]) == pytest.approx(0.006)
     assert _alias(client, name, CHAMPION).version == v3
+
+
+def _logged_model_candidate(client, model_name, metrics, fingerprint, *, tags=None):
+    """A run with an (empty) MLflow 3 logged model, registered from ``models:/<model_id>``
+    as the register step does with log_pyfunc's model. Returns (version, model_id, run_id)."""
+    pid = _uid("pr")
+    run = client.create_run(_experiment_id(client), tags={"pipeline_run_id": pid})
+    lm = client.create_logged_model(_experiment_id(client), name="model", source_run_id=run.info.run_id)
+    version = register_candidate(run.info.run_id, model_name, pid, metrics, fingerprint,
+                                 model_uri=f"models:/{lm.model_id}", client=client, tags=tags)
+    return version, lm.model_id, run.info.run_id
+
+
+def test_version_metrics_are_the_logged_models_metrics(client):
+    """With a logged model, the evaluation goes to the model's metrics (shown on its page),
+    not to ~20 ``metric.*`` version tags; the gate reads them from there."""
+    name = _uid("m")
+    metrics = {"image_auroc": 0.91, "pixel_auroc": 0.95, "baseline_image_auroc": 0.88,
+               "baseline_delta_image_auroc_lo": -0.01, "baseline_delta_image_auroc_hi": 0.07,
+               "aupro": None, "calibrated": True, "note": "text"}
+    v1, model_id, run_id = _logged_model_candidate(client, name, metrics, FP_A, tags={"model_kind": "recontrast"})
+    mv = client.get_model_version(name, v1)
+    assert registry.version_model_id(mv) == model_id
+    assert not [k for k in mv.tags if k.startswith(registry.METRIC_TAG_PREFIX)], mv.tags
+    assert set(mv.tags) == {"pipeline_run_id", "dataset_fingerprint", "model_kind"}
+    logged = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert logged == pytest.approx({"image_auroc": 0.91, "pixel_auroc": 0.95, "baseline_image_auroc": 0.88,
+                                    "baseline_delta_image_auroc_lo": -0.01, "baseline_delta_image_auroc_hi": 0.07})
+    assert all(m.run_id == run_id for m in client.get_logged_model(model_id).metrics)
+    assert registry.version_metrics(client, mv) == pytest.approx(logged)
+    assert registry.status(name, client=client)["versions"][0]["metrics"]["image_auroc"] == pytest.approx(0.91)
+    # the gate: the baseline floor and the champion comparison both read the model's metrics
+    policy = POLICY.model_copy(update={"baseline_floor": True})
+    d = promote_if_better(client, name, v1, policy)
+    assert d.promote and "baseline delta +0.030 [-0.010, +0.070]" in d.reason, d.reason
+    v2, _, _ = _logged_model_candidate(client, name, {"image_auroc": 0.912, "baseline_image_auroc": 0.5}, FP_A)
+    d = promote_if_better(client, name, v2, policy)
+    assert not d.promote and "0.9120 vs 0.9100" in d.reason, d.reason
+    assert client.get_model_version(name, v2).tags["champion_image_auroc"] == "0.91"
+
+
+def test_versions_registered_before_keep_their_metric_tags(client):
+    """A version registered before metrics moved to the logged model (``metric.*`` tags,
+    a logged model without metrics) is still read, and compared, through its tags."""
+    name = _uid("m")
+    registry.ensure_registered_model(client, name)
+    run = client.create_run(_experiment_id(client))
+    lm = client.create_logged_model(_experiment_id(client), name="model", source_run_id=run.info.run_id)
+    old = client.create_model_version(name, f"models:/{lm.model_id}", run_id=run.info.run_id, model_id=lm.model_id,
+                                      tags={"pipeline_run_id": _uid("pr"), "dataset_fingerprint": FP_A,
+                                            "metric.image_auroc": "0.93", "metric.pixel_auroc": "0.9"})
+    assert registry.version_metrics(client, old) == {"image_auroc": 0.93, "pixel_auroc": 0.9}
+    assert registry.force_promote(name, old.version, "the old champion", client=client).promote
+    v2, _, _ = _logged_model_candidate(client, name, {"image_auroc": 0.95}, FP_A)
+    d = promote_if_better(client, name, v2, POLICY)
+    assert d.promote and "0.9500 vs 0.9300" in d.reason, d.reason
 
 
 def test_fingerprint_mismatch_reevaluates_champion(client, tmp_path):
@@ -341,7 +400,7 @@ def fake_bundle_module(monkeypatch):
     return mod
 
 
-def test_pyfunc_model_roundtrip(client, tmp_path, fake_bundle_module):
+def test_pyfunc_model_roundtrip(client, tmp_path, fake_bundle_module, monkeypatch):
     import mlflow
 
     from recontrast_core.mlops.serving.pyfunc_model import log_pyfunc
@@ -355,18 +414,28 @@ def test_pyfunc_model_roundtrip(client, tmp_path, fake_bundle_module):
     assert info.signature.outputs.input_names() == ["score", "normalized_score", "decision"]
     version = register_candidate(run_id, name, pid, {"image_auroc": 0.9}, FP_A, client=client)
     assert promote_if_better(client, name, version, POLICY).promote
+    # the pyfunc is the version's logged model, and the evaluation its metrics (not tags)
+    mv = client.get_model_version(name, version)
+    assert registry.version_model_id(mv) == info.model_id
+    assert {m.key: m.value for m in client.get_logged_model(info.model_id).metrics} == {"image_auroc": 0.9}
+    assert "metric.image_auroc" not in mv.tags
 
+    root = tmp_path.resolve()  # the `path` input is off unless the server allows a folder
+    monkeypatch.setenv("RECONTRAST_ALLOWED_PATH_ROOT", str(root))
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = model.predict(pd.DataFrame({"path": ["a.png", "abcdefghijklmnop.png"]}))
     assert list(out.columns) == ["score", "normalized_score", "decision"]
-    assert out["decision"].tolist() == [False, True]
+    # the stand-in scores len(path); paths arrive resolved under the root
+    assert out["score"].tolist() == [float(len(str(root / "a.png"))), float(len(str(root / "abcdefghijklmnop.png")))]
     assert out["score"].dtype == np.float64 and out["decision"].dtype == bool
+    out = model.predict(pd.DataFrame({"image": [np.full((3, 3), 20, np.uint8), np.zeros((2, 2), np.uint8)]}))
+    assert out["decision"].tolist() == [True, False]
     out = model.predict(pd.DataFrame({"image": [np.full((3, 3), 20, np.uint8)]}),
                         params={"return_map": True})
     assert out["decision"].tolist() == [True]
     assert np.asarray(out["anomaly_map"][0]).shape == (4, 4)
     raw = model.unwrap_python_model().predict(None, ["a.png", np.zeros((2, 2))])
-    assert raw["score"].tolist() == [5.0, 0.0]
+    assert raw["score"].tolist() == [float(len(str(root / "a.png"))), 0.0]
     # the downloaded registered model carries the bundle
     bundle = registry.download_bundle(client, name, client.get_model_version(name, version),
                                       tmp_path / "dl")
