@@ -29,6 +29,7 @@ DEFAULT_EXPERIMENT = "recontrast"
 PIPELINES = {
     "training": ("recontrast_core.pipelines.training_pipeline", "recontrast-training", "recontrast-retrain"),
     "batch-scoring": ("recontrast_core.pipelines.batch_scoring", "recontrast-batch-scoring", "recontrast-batch-scoring"),
+    "monitor": ("recontrast_core.pipelines.monitor_pipeline", "recontrast-monitor", "recontrast-monitor"),
 }
 
 

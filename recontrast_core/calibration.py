@@ -28,21 +28,47 @@ Fallbacks keep ``lo < threshold < hi`` when the normal scores do not (threshold 
 below the median, all normal scores equal): the spread used is, in order of preference,
 ``threshold - median``, ``threshold - min``, the normal scores' standard deviation,
 ``|threshold|``, 1.0 (and never below ``1e-9 * max(1, |threshold|)``).
+
+The reference (``Calibration.reference``, optional; the drift monitor's baseline,
+:mod:`recontrast_core.monitor`, docs/operations.md): what the normal population looked
+like when the calibration was fitted.
+
+* ``scores``: the normal scores the threshold was fitted on, sorted (at most
+  :data:`REFERENCE_MAX_SCORES`; more are kept as that many + 1 evenly spaced quantiles),
+  with ``n_scores`` their true count. :func:`fit_calibration` always records them.
+* ``input`` (when the training images were at hand): simple statistics of the normal
+  training images, one value per image, kept as :data:`INPUT_QUANTILES` quantiles (0 %,
+  1 %, ..., 100 %) each: ``brightness`` (mean grey level, 0..255, of the decoded image at
+  its own size; grey = ITU-R 601 luma of the RGB the model reads), ``contrast`` (the
+  standard deviation of those grey levels), ``width`` and ``height`` (pixels); with
+  ``n_images`` (at most :data:`REFERENCE_MAX_IMAGES`, evenly spaced over the training set).
+  :func:`input_reference` computes it; :func:`image_statistics` is the per-image measure
+  the monitor applies to new images.
+
+Bundles written before the reference existed have none and load as before; every number
+of a reference is checked on load like the other fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Calibration", "CalibrationFieldError", "fit_calibration", "normalise", "decide"]
+__all__ = ["Calibration", "CalibrationFieldError", "fit_calibration", "normalise", "decide", "image_statistics",
+           "input_reference", "score_reference", "INPUT_STATS"]
 
 _METHODS = ("f1", "fpr")
 # The largest double below 0.5: a score below the threshold never normalises to 0.5,
 # even where rounding in (score - lo) / (threshold - lo) would give exactly 1.
 _BELOW_HALF = float(np.nextafter(0.5, 0.0))
+
+REFERENCE_MAX_SCORES = 1000  # normal scores kept as they are; more become 1001 quantiles
+REFERENCE_MAX_IMAGES = 1000  # training images measured for the input reference (evenly spaced)
+INPUT_QUANTILES = 101  # 0 %, 1 %, ..., 100 % of each input statistic
+INPUT_STATS = ("brightness", "contrast", "width", "height")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
 
 
 class CalibrationFieldError(ValueError):
@@ -87,6 +113,7 @@ class Calibration:
     target_fpr: Optional[float]
     n_normal: int
     n_anomalous: int
+    reference: Optional[dict] = None
 
     def __post_init__(self) -> None:
         # Checked field by field (values come from bundle.json): a ValueError naming the
@@ -108,21 +135,140 @@ class Calibration:
             raise ValueError(
                 f"Calibration: need lo < threshold < hi, got {self.lo} / {self.threshold} / {self.hi}"
             )
+        if self.reference is not None:
+            self.reference = check_reference(self.reference)
 
     def to_dict(self) -> dict:
-        """Plain JSON-serialisable dict."""
-        return asdict(self)
+        """Plain JSON-serialisable dict (``reference`` only when there is one: the old shape otherwise)."""
+        out = asdict(self)
+        if out["reference"] is None:
+            del out["reference"]
+        return out
+
+    def with_input_reference(self, input_ref: Optional[dict]) -> "Calibration":
+        """A copy whose reference also holds ``input_ref`` (:func:`input_reference`); None: unchanged."""
+        if input_ref is None:
+            return self
+        return replace(self, reference={**(self.reference or {}), "input": input_ref})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
+        if not isinstance(data, dict):
+            raise ValueError(f"Calibration.from_dict: expected an object, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        missing = names - set(data)
+        missing = names - set(data) - {"reference"}  # bundles older than the reference have none
         unknown = set(data) - names
         if missing or unknown:
             raise ValueError(
                 f"Calibration.from_dict: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
             )
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+# ----------------------------------------------------------------------------- the reference
+def _sorted_numbers(field: str, value: Any, *, length: Optional[int] = None, lowest: Optional[float] = None) -> list:
+    if not isinstance(value, list) or not value or (length is not None and len(value) != length):
+        want = f"a list of {length} numbers" if length else "a non-empty list of numbers"
+        raise CalibrationFieldError(field, f"expected {want}, got {str(value)[:60]}")
+    out = [_finite(field, v) for v in value]
+    if any(b < a for a, b in zip(out, out[1:])):
+        raise CalibrationFieldError(field, "expected numbers in ascending order")
+    if lowest is not None and out[0] < lowest:
+        raise CalibrationFieldError(field, f"expected numbers >= {lowest:g}, got {out[0]!r}")
+    return out
+
+
+def check_reference(ref: Any) -> dict:
+    """The reference with every number checked (finite, sorted, counts whole): a
+    :class:`CalibrationFieldError` naming the field (``reference.input.brightness``) otherwise."""
+    if not isinstance(ref, dict):
+        raise CalibrationFieldError("reference", f"expected an object, got {type(ref).__name__}")
+    unknown = set(ref) - {"scores", "n_scores", "input"}
+    if unknown:
+        raise CalibrationFieldError("reference", f"unknown keys {sorted(unknown)}")
+    out: dict = {}
+    if "scores" in ref or "n_scores" in ref:
+        scores = _sorted_numbers("reference.scores", ref.get("scores"))
+        if len(scores) > REFERENCE_MAX_SCORES + 1:
+            raise CalibrationFieldError("reference.scores", f"expected at most {REFERENCE_MAX_SCORES + 1} numbers")
+        n = _count("reference.n_scores", ref.get("n_scores"))
+        if n < min(len(scores), REFERENCE_MAX_SCORES + 1):  # more than the maximum: kept as quantiles
+            raise CalibrationFieldError("reference.n_scores", f"expected at least {len(scores)}, got {n}")
+        out.update(scores=scores, n_scores=n)
+    if "input" in ref:
+        block = ref["input"]
+        if not isinstance(block, dict):
+            raise CalibrationFieldError("reference.input", f"expected an object, got {type(block).__name__}")
+        unknown = set(block) - {"n_images", *INPUT_STATS}
+        if unknown:
+            raise CalibrationFieldError("reference.input", f"unknown keys {sorted(unknown)}")
+        n = _count("reference.input.n_images", block.get("n_images"))
+        if n < 1:
+            raise CalibrationFieldError("reference.input.n_images", "expected at least 1")
+        item: dict = {"n_images": n}
+        for stat in INPUT_STATS:
+            if stat in block:
+                item[stat] = _sorted_numbers(f"reference.input.{stat}", block[stat], length=INPUT_QUANTILES,
+                                             lowest=1.0 if stat in ("width", "height") else 0.0)
+        out["input"] = item
+    if not out:
+        raise CalibrationFieldError("reference", "expected scores, input or both")
+    return out
+
+
+def score_reference(normal_scores) -> dict:
+    """``{"scores", "n_scores"}`` of the normal scores (module doc)."""
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64).ravel())
+    if s.size > REFERENCE_MAX_SCORES:
+        s = np.quantile(s, np.linspace(0.0, 1.0, REFERENCE_MAX_SCORES + 1))
+    return {"scores": [float(x) for x in s], "n_scores": int(np.asarray(normal_scores).size)}
+
+
+def image_statistics(rgb: np.ndarray) -> tuple[float, float, int, int]:
+    """``uint8 [H, W, 3]`` (or [H, W]) -> (brightness, contrast, width, height): the mean
+    and standard deviation of the grey levels (ITU-R 601 luma, 0..255) and the size."""
+    a = np.asarray(rgb)
+    if a.ndim == 3 and a.shape[2] >= 3:
+        grey = a[..., :3].astype(np.float32) @ _LUMA
+    else:
+        grey = a.reshape(a.shape[0], a.shape[1]).astype(np.float32) if a.ndim == 3 else a.astype(np.float32)
+    return float(grey.mean(dtype=np.float64)), float(grey.std(dtype=np.float64)), int(a.shape[1]), int(a.shape[0])
+
+
+def summarise_inputs(stats) -> dict:
+    """Per-image ``(brightness, contrast, width, height)`` rows -> the ``input`` reference."""
+    a = np.asarray(stats, dtype=np.float64).reshape(-1, len(INPUT_STATS))
+    if a.shape[0] == 0:
+        raise ValueError("summarise_inputs: no images")
+    levels = np.linspace(0.0, 1.0, INPUT_QUANTILES)
+    out: dict = {"n_images": int(a.shape[0])}
+    for j, name in enumerate(INPUT_STATS):
+        out[name] = [round(float(q), 6) for q in np.quantile(a[:, j], levels)]
+    return out
+
+
+def input_reference(sources: Sequence, progress: bool = False,
+                    max_images: int = REFERENCE_MAX_IMAGES) -> Optional[dict]:
+    """The ``input`` reference of the training images ``sources`` (paths, or a manifest's
+    :meth:`~recontrast_core.data.manifest.Manifest.source` values): each image decoded as
+    training decodes it and measured (:func:`image_statistics`); at most ``max_images``,
+    evenly spaced. An image that cannot be read is left out (training has read them all);
+    None when none could be read."""
+    from .data.annotations import load_source_image
+    from .progress import track_steps
+
+    sources = list(sources)
+    if len(sources) > max_images:
+        sources = [sources[i] for i in np.linspace(0, len(sources) - 1, max_images).round().astype(int)]
+    rows = []
+    with track_steps("input reference", len(sources), enabled=progress) as bar:
+        for src in sources:
+            try:
+                rows.append(image_statistics(load_source_image(src)))
+            except Exception:  # noqa: BLE001 - a monitoring extra never fails a training
+                pass
+            bar.advance(1)
+    return summarise_inputs(rows) if rows else None
 
 
 def _as_scores(scores, name: str) -> np.ndarray:
@@ -147,13 +293,15 @@ def _spread(threshold: float, normal: np.ndarray) -> float:
     return max(1.0, floor)  # pragma: no cover - 1.0 above always qualifies
 
 
-def fit_calibration(normal_scores, anomalous_scores=None, target_fpr: float = 0.01) -> Calibration:
+def fit_calibration(normal_scores, anomalous_scores=None, target_fpr: float = 0.01,
+                    input_ref: Optional[dict] = None) -> Calibration:
     """Fit the production threshold and normalisation on validation image scores.
 
     With anomalous scores (non-empty): F1-max threshold, ``method="f1"``,
     ``target_fpr=None``. Without: ``np.quantile(normal, 1 - target_fpr, method="higher")``,
     ``method="fpr"``. ValueError if there are no normal scores, a score is not finite, or
-    ``target_fpr`` is not in (0, 1).
+    ``target_fpr`` is not in (0, 1). The normal scores become the reference's ``scores``;
+    ``input_ref`` (:func:`input_reference`), when given, its ``input``.
     """
     normal = np.asarray(normal_scores, dtype=np.float64).ravel()
     if normal.size == 0:
@@ -191,6 +339,7 @@ def fit_calibration(normal_scores, anomalous_scores=None, target_fpr: float = 0.
         target_fpr=fpr,
         n_normal=int(normal.size),
         n_anomalous=int(anomalous.size),
+        reference={**score_reference(normal), **({"input": input_ref} if input_ref else {})},
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .promotion import PromotionPolicy
 
@@ -378,7 +378,56 @@ class TrainJobConfig(_Strict):
     timeout_s: int = Field(86400, ge=60)
 
 
+class MonitorConfig(_Strict):
+    """The drift monitor (``recontrast monitor``, the monitor pipeline; docs/operations.md).
+    The tests and verdict rules: :mod:`recontrast_core.monitor`."""
+
+    # Windows of the scores: "all", a number of images ("500") or a UTC duration (30m, 6h, 1d, 1w).
+    window: str = Field("all", pattern=r"^(all|[1-9][0-9]*|[1-9][0-9]*[smhdw])$")
+    # A drift counts only when the KS test's p < alpha AND the PSI reaches psi_moderate
+    # (verdict watch) or psi_major (verdict retrain).
+    alpha: float = Field(0.01, gt=0, lt=1)
+    psi_moderate: float = Field(0.1, gt=0)
+    psi_major: float = Field(0.25, gt=0)
+    # The alarm rate's Wilson interval.
+    confidence: float = Field(0.95, gt=0, lt=1)
+    # Windows with fewer scored images are reported, not judged (verdict ok).
+    min_images: int = Field(20, ge=1)
+    # The monitor pipeline submits the training pipeline after this many consecutive retrain windows.
+    retrain_after: int = Field(2, ge=1)
+    # The MLflow experiment of the monitor's runs (one per window).
+    experiment: str = "recontrast-monitor"
+
+    @model_validator(mode="after")
+    def _psi_order(self) -> "MonitorConfig":
+        if self.psi_major < self.psi_moderate:
+            raise ValueError(f"psi_major ({self.psi_major}) must be at least psi_moderate ({self.psi_moderate})")
+        return self
+
+
+DEFAULT_NAME = "recontrast"  # the registered model, the MLflow experiment: without a product line
+
+
+def line_names(line: Optional[str] = None) -> dict[str, str]:
+    """The names of a product line's resources: its registered model and MLflow experiment
+    (``recontrast-<line>``), the monitor's experiment (``recontrast-<line>-monitor``) and the
+    retraining schedule (``recontrast-<line>-retrain``). No line: today's names."""
+    base = f"{DEFAULT_NAME}-{line}" if line else DEFAULT_NAME
+    return {"model_name": base, "experiment": base, "monitor_experiment": f"{base}-monitor",
+            "schedule": f"{base}-retrain"}
+
+
+# (section, field, line_names key): the settings a product line names
+_LINE_FIELDS = (("registry", "model_name", "model_name"), ("tracking", "experiment", "experiment"),
+                ("monitor", "experiment", "monitor_experiment"))
+
+
 class PipelineConfig(_Strict):
+    # A product line ("tiles-a"): its registered model and MLflow experiment are named
+    # recontrast-<line>, its monitor experiment recontrast-<line>-monitor and its retraining
+    # schedule recontrast-<line>-retrain (line_names). Those settings left at their defaults
+    # follow the line; None (the default) keeps today's names.
+    line: Optional[str] = Field(None, pattern=r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
     data: DataConfig = Field(default_factory=DataConfig)
     # "none": ReContrast from ImageNet weights; "msc" / "coft": adapt the encoder first.
     adapt_method: Literal["none", "msc", "coft"] = "none"
@@ -396,3 +445,26 @@ class PipelineConfig(_Strict):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @model_validator(mode="after")
+    def _line_names(self) -> "PipelineConfig":
+        """With a line, the names left at their defaults become the line's; a name of the
+        form another line would get (``recontrast-<other>``, e.g. from a params.yaml written
+        for another line) is refused rather than silently mixing two lines' models."""
+        fields = self.__dict__  # not attribute reads: a step's settings recorder counts those as its reads
+        line = fields.get("line")
+        if not line:
+            return self
+        ours, plain = line_names(line), line_names(None)
+        for section, name, key in _LINE_FIELDS:
+            obj = fields.get(section)
+            if obj is None or not hasattr(obj, name):
+                continue
+            value = getattr(obj, name)
+            if value == plain[key]:
+                setattr(obj, name, ours[key])
+            elif value != ours[key] and value.startswith(DEFAULT_NAME + "-"):
+                raise ValueError(f"{section}.{name} {value!r} is not line {line!r}'s name ({ours[key]!r}): "
+                                 f"set it to {plain[key]!r} (follows the line) or to {ours[key]!r}")
+        return self

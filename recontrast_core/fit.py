@@ -31,7 +31,7 @@ import torch
 
 from . import distributed
 from .bundle import load_detector, save_bundle
-from .calibration import Calibration, fit_calibration
+from .calibration import Calibration, fit_calibration, input_reference
 from .config import CalibrationConfig, InferenceConfig, ModelConfig, PatchKnnConfig, TrainConfig
 from .data.cache import batch_slices, load_resized
 from .data.manifest import Manifest, split_validation
@@ -159,6 +159,15 @@ def calibrate(scorer, inference: InferenceConfig, images: torch.Tensor, calibrat
               device: torch.device) -> Calibration:
     _, scores = score_images(scorer, inference, images, device)
     return fit_calibration(scores, None, target_fpr=calibration.target_fpr)
+
+
+def _input_reference(normal_train: Manifest, trained, progress: bool) -> Optional[dict]:
+    """The training images' input statistics (the drift monitor's reference): the trained
+    ReContrast detector's where it has them (same images), else measured now."""
+    ref = getattr(getattr(trained, "calibration", None), "reference", None) or {}
+    if ref.get("input"):
+        return ref["input"]
+    return input_reference([normal_train.source(e.path) for e in normal_train.entries], progress)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -311,6 +320,7 @@ def _fit_detector(
         raise UserError(f"unknown model kind {kind!r}")
 
     calib = calibrate(scorer, inference, calib_images.at(scorer.image_size), calibration, device)
+    calib = calib.with_input_reference(_input_reference(normal_train, candidate, progress))
     train_summary = {}
     if candidate is not None:  # the ReContrast run's own summary (loss history, speed)
         train_summary = dict(candidate.meta.get("training") or {})
@@ -359,6 +369,7 @@ def fuse_existing(recontrast_bundle: Path, manifest: Manifest, model: ModelConfi
     scorer = FusedScorer(det.scorer, pk, model.fusion).to(det.device)
     fit_quantiles(scorer, calib_images.at(scorer.image_size))
     calib = calibrate(scorer, det.inference, calib_images.at(scorer.image_size), calibration, det.device)
+    calib = calib.with_input_reference(_input_reference(normal_train, det, progress))
     training = {**(det.meta.get("training") or {}), "model_kind": "fused", "bank_size": pk.bank_size,
                 "fused_from": str(recontrast_bundle)}
     return save_bundle(Path(out_dir) / "bundle", scorer, det.config, det.inference, calib,

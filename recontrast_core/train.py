@@ -32,7 +32,7 @@ import torch
 from . import distributed, runtime
 from .bundle import Detector, save_bundle
 from .models import build_model
-from .calibration import fit_calibration
+from .calibration import fit_calibration, input_reference
 from .config import CalibrationConfig, InferenceConfig, TrainConfig
 from .data.manifest import Manifest, split_validation
 from .errors import UserError, first_line
@@ -339,6 +339,8 @@ def train_model(
                                 inference=inference, calibration=None, meta={}, device=device)
             calib = _calibrate(detector, val if len(val) else fit, calibration, cfg, progress, cache_dir,
                                views=FEW_SHOT_CALIBRATION_VIEWS if few_shot else 1)
+            calib = calib.with_input_reference(  # the drift monitor's input reference (calibration.py)
+                input_reference([normal_train.source(e.path) for e in normal_train.entries], progress))
             bundle_dir = save_bundle(
                 bundle_dir, trainer.model, cfg, inference, calib,
                 dataset_fingerprint=manifest.fingerprint,

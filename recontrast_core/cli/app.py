@@ -349,7 +349,10 @@ def _mount() -> None:
     app.command("adapt", help="Contrastive domain adaptation of the encoder: MSC or COFT-AD few-shot.")(adapt_command)
     app.add_typer(data_app, name="data")
     app.command("export", help="Export the whole scoring graph to ONNX or OpenVINO.")(importlib.import_module("recontrast_core.cli.export").export_command)
-    for module, attr, name in (("pipeline", "pipeline_app", "pipeline"), ("registry", "registry_app", "registry")):
+    app.command("recalibrate", help="A new threshold from new normal images (same weights), registered through the gate.")(importlib.import_module("recontrast_core.cli.recalibrate").recalibrate_command)
+    app.command("monitor", help="Drift of a deployed model's scores (and images) against its reference: ok, watch or retrain.")(importlib.import_module("recontrast_core.cli.monitor").monitor_command)
+    for module, attr, name in (("pipeline", "pipeline_app", "pipeline"), ("registry", "registry_app", "registry"),
+                               ("review", "review_app", "review")):
         try:
             sub = getattr(importlib.import_module(f"recontrast_core.cli.{module}"), attr)
         except ImportError as exc:

@@ -18,6 +18,7 @@ import typer
 from ..config import PipelineConfig
 from ..errors import UserError
 from .batch_pipeline import batch_app
+from .monitor import monitor_pipeline_app
 from .common import console, emit_json, set_option, settings_from, summary_table, user_errors
 
 pipeline_app = typer.Typer(
@@ -27,6 +28,7 @@ pipeline_app = typer.Typer(
     no_args_is_help=True,
 )
 pipeline_app.add_typer(batch_app, name="batch-scoring")
+pipeline_app.add_typer(monitor_pipeline_app, name="monitor")
 
 Params = typer.Option(None, "--params", help="YAML with pipeline settings (PipelineConfig, e.g. params.yaml).")
 Source = typer.Option(None, "--source", help="Dataset: folder, s3://bucket/prefix, or a path in --dvc-repo.")
@@ -152,10 +154,19 @@ def run_cmd(
             backbone, device, model_name, tracking_uri), set_)
         run_id = pipeline_run_id or f"local-{uuid.uuid4().hex[:12]}"
         result = run_local(pipeline_arguments(cfg, run_id), pipeline_root, verbose=verbose)
+        from ..mlops import tracking
+
+        # UI links (tracking.ui_url): they open MLflow 3's classic runs view, not its GenAI one
+        links = tracking.pipeline_links(
+            result.get("pipeline_run_id") or run_id, experiment=cfg.tracking.experiment,
+            tracking_uri=cfg.tracking.tracking_uri or None, model_name=result.get("model_name"),
+            version=result.get("version"))
         if as_json:
-            emit_json(result)
+            emit_json({**result, **links})
         else:
             console.print(summary_table("pipeline run", result))
+            for key, url in links.items():  # one line each: a table cell would fold the URL
+                console.print(f"{key}: {url}", soft_wrap=True)
 
 
 def _cluster_arguments(params, overrides: dict, sets: list[str]) -> dict:
@@ -228,8 +239,10 @@ def schedule_cmd(
     model_name: Optional[str] = ModelName,
     set_: list[str] = set_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
-    job_name: str = typer.Option("recontrast-retrain", "--job-name", help="Recurring run name."),
-    experiment: str = Experiment,
+    job_name: Optional[str] = typer.Option(None, "--job-name", help="Recurring run name (default: recontrast-retrain, "
+                                           "recontrast-<line>-retrain with a line)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="KFP experiment (created if missing; default: "
+                                             "recontrast, recontrast-<line> with a line)."),
     namespace: Optional[str] = Namespace,
     package: Optional[Path] = Package,
     as_json: bool = AsJson,
@@ -241,6 +254,10 @@ def schedule_cmd(
         args = _cluster_arguments(params, _overrides(
             source, dvc_repo, dvc_rev, s3_endpoint_url, adapt_method, shots, iterations, image_size, batch_size,
             backbone, device, model_name, tracking_uri), set_)
-        result = schedule(host, cron, args, job_name=job_name, experiment=experiment,
+        from ..config import line_names
+
+        names = line_names((args.get("settings") or {}).get("line"))  # a product line names its schedule
+        result = schedule(host, cron, args, job_name=job_name or names["schedule"],
+                          experiment=experiment or names["experiment"],
                           package_path=str(package) if package else None, namespace=namespace)
         emit_json(result) if as_json else console.print(summary_table("scheduled", result))

@@ -1,4 +1,4 @@
-"""``recontrast registry status | promote | rollback`` (mounted by cli.py as ``registry``).
+"""``recontrast registry status [--all] | promote | rollback`` (mounted by cli.py as ``registry``).
 
 Every command takes ``--model-name`` (default ``recontrast``), ``--tracking-uri`` (default
 ``MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///./mlflow.db``) and ``--json``.
@@ -54,15 +54,22 @@ def _parse_floors(floors: list[str]) -> dict[str, float]:
 @registry_app.command("status")
 def status_cmd(
     model_name: str = ModelName,
+    all_lines: bool = typer.Option(False, "--all", help="The fleet: every product line's champion (models named "
+                                   "recontrast and recontrast-<line>), its kind, primary metric, age and the last "
+                                   "monitor verdict."),
     tracking_uri: Optional[str] = TrackingUri,
     as_json: bool = AsJson,
 ) -> None:
-    """Aliases (champion, challenger, previous_champion) and every version's key metrics."""
+    """Aliases (champion, challenger, previous_champion) and every version's key metrics;
+    with --all, one row per product line."""
     from rich.table import Table
 
     from ..mlops import registry
 
     with user_errors():
+        if all_lines:
+            _fleet(tracking_uri, as_json)
+            return
         info = registry.status(model_name, client=_client(tracking_uri))
         if as_json:
             emit_json(info)
@@ -83,6 +90,28 @@ def status_cmd(
                 v.get("reason") or "",
             )
         console.print(table)
+
+
+def _fleet(tracking_uri: Optional[str], as_json: bool) -> None:
+    from rich.table import Table
+
+    from ..mlops.fleet import fleet_status
+
+    rows = fleet_status(_client(tracking_uri))
+    if as_json:
+        emit_json({"lines": rows})
+        return
+    if not rows:
+        raise UserError("no registered model named recontrast or recontrast-<line> in this registry")
+    table = Table(title="fleet: the champion of each product line (model recontrast-<line>)", header_style="bold")
+    for col in ("line", "champion", "kind", "primary metric", "age", "monitor", "challenger"):
+        table.add_column(col, no_wrap=col in ("monitor", "champion"))
+    for r in rows:
+        value = f"{r['primary_metric']} {r['primary_value']:.3f}" if r["primary_value"] is not None else ""
+        table.add_row(r["line"] or "(no line)", f"v{r['champion']}" if r["champion"] else "none",
+                      r["model_kind"] or "", value, r["age"], r["monitor_verdict"] or "",
+                      f"v{r['challenger']}" if r["challenger"] else "")
+    console.print(table)
 
 
 @registry_app.command("promote")

@@ -34,6 +34,9 @@ def serve_command(
     device: str = typer.Option("auto", "--device", envvar="RECONTRAST_DEVICE", help="auto | cpu | cuda | cuda:N"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                help="MLflow tracking/registry URI"),
+    score_log: Optional[str] = typer.Option(None, "--score-log", envvar="RECONTRAST_SCORE_LOG",
+                                            help="Folder or s3:// prefix: one row per scored image, for "
+                                                 "`recontrast monitor` (off by default)"),
 ) -> None:
     """Serve a registered model with KServe's ModelServer (open inference protocol v2);
     reload when the alias moves."""
@@ -46,4 +49,5 @@ def serve_command(
             raise UserError(f"--name may hold letters, digits, '-', '_' and '.', not {name!r}")
         from ..mlops.serving.kserve_predictor import serve
 
-        serve(model, name=name, port=port, poll_s=poll_s, device=device, tracking_uri=tracking_uri)
+        serve(model, name=name, port=port, poll_s=poll_s, device=device, tracking_uri=tracking_uri,
+              score_log=score_log or None)

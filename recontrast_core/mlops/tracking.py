@@ -168,7 +168,7 @@ def _log_run_link(client, run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def _own_run_links() -> Iterator[None]:
+def own_run_links() -> Iterator[None]:
     """MLflow's "View run ... at" lines off (they open the GenAI view) while inside."""
     before = os.environ.get(_SUPPRESS_MLFLOW_LINKS)
     os.environ[_SUPPRESS_MLFLOW_LINKS] = "true"
@@ -286,7 +286,7 @@ def end_pipeline_run(
     run = find_pipeline_run(pipeline_run_id, experiment, client)
     if run is None:
         return None
-    with _own_run_links():
+    with own_run_links():
         client.set_terminated(run.info.run_id, status=status)
     _log_run_link(client, run.info.run_id)
     return run.info.run_id
@@ -337,7 +337,7 @@ def step_run(
     # Make it the active run (nested under whatever is active in this process).
     active = mlflow.active_run()
     nested = active is not None and active.info.run_id != run_id
-    with _own_run_links():
+    with own_run_links():
         with mlflow.start_run(run_id=run_id, nested=nested):
             yield run_id
     _log_run_link(client, run_id)

@@ -1,5 +1,5 @@
 """The pipeline steps: ingest -> adapt -> train -> evaluate -> register (+ the KFP-only
-``train_job`` and ``batch_score``).
+``train_job``, ``batch_score``, ``recalibrate`` and ``monitor``).
 
 One module per step: a plain function and its record (:mod:`.records`: inputs, outputs,
 the settings sections it reads, the CLI and KFP adapters). The CLI (``recontrast train |
@@ -19,9 +19,11 @@ from .train_job import run_train_job
 from .evaluate import evaluate
 from .register import register
 from .batch_score import run_batch_scoring
+from .recalibrate import recalibrate
+from .monitor import RECORD as _MONITOR  # noqa: F401  (the KFP-only monitor step)
 from .records import dvc_steps, get_step, run_component, step_records
 
 STEPS = dvc_steps()  # the DVC stages: ("ingest", "adapt", "train", "evaluate", "register")
 
 __all__ = ["STEPS", "ingest", "adapt", "skip_adapt", "train", "evaluate", "register", "run_train_job",
-           "run_batch_scoring", "get_step", "run_component", "step_records"]
+           "run_batch_scoring", "recalibrate", "get_step", "run_component", "step_records"]

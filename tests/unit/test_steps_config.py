@@ -193,7 +193,7 @@ def _changed_value(key: str, cfg: PipelineConfig, info=None):
                "model.patchknn.levels": [0, 2], "model.patchknn.image_size": 160, "model.fusion.q_lo": 0.8,
                "model.fusion.q_hi": 0.99, "model.auto.backbones": ["tf_efficientnet_lite0"],
                "model.auto.image_sizes": [128], "model.auto.input_stats": ["auto"], "model.auto.kinds": ["patchknn"],
-               "registry.baseline_rule": "flat"}
+               "registry.baseline_rule": "flat", "monitor.window": "1d", "monitor.confidence": 0.9}
     if key in special:
         return special[key]
     ann = getattr(info, "annotation", None)

@@ -27,6 +27,12 @@ again after ``FAILED_RETRY_S`` (a newer one at the next poll).
 Polling, not a restart on alias change: nothing outside the pod has to watch the registry,
 the pod stays ready throughout, and MLflow has no change notifications to subscribe to.
 ``models:/NAME/VERSION`` is loaded once.
+
+Score log (optional, off by default: ``score_log=`` / ``recontrast serve --score-log`` /
+``RECONTRAST_SCORE_LOG``): every scored image becomes a row of a Parquet log under a folder
+or ``s3://`` prefix (:mod:`recontrast_core.mlops.score_log`: batch-scoring columns, written
+in parts by a background thread), the drift monitor's input (docs/operations.md). Logging
+never blocks or fails a request.
 """
 
 from __future__ import annotations
@@ -95,8 +101,9 @@ class ReContrastPredictor(kserve.Model):
     """A registered recontrast model as a kserve ``Model`` (see the module docstring)."""
 
     def __init__(self, name: str, model_uri: str, *, poll_s: float = DEFAULT_POLL_S, device: str = "auto",
-                 tracking_uri: Optional[str] = None, client=None):
+                 tracking_uri: Optional[str] = None, client=None, score_log=None):
         super().__init__(name)
+        self.score_log = score_log  # a started score_log.ScoreLog, or None
         self.model_uri = model_uri
         self.registered_name, self.alias, self.fixed_version = parse_model_uri(model_uri)
         self.poll_s = float(poll_s)
@@ -194,6 +201,8 @@ class ReContrastPredictor(kserve.Model):
     def stop(self) -> None:
         self._stop.set()
         self.ready = False
+        if self.score_log is not None:
+            self.score_log.close()
 
     def get_input_types(self) -> list[dict]:
         return [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
@@ -226,7 +235,20 @@ class ReContrastPredictor(kserve.Model):
         outputs = request_outputs(payload)
         return_map = "anomaly_map" in outputs
         results = await asyncio.to_thread(self._score, served.detector, values, return_map)
-        return infer_response(payload, self.name, served.version, self.registered_name, results, outputs)
+        response = infer_response(payload, self.name, served.version, self.registered_name, results, outputs)
+        self._log_scores(response.id, served.version, results)
+        return response
+
+    def _log_scores(self, request_id: str, version: str, results: list[dict]) -> None:
+        """The score log's rows for this request (buffered: no I/O here, never raises)."""
+        if self.score_log is None:
+            return
+        try:
+            from ..score_log import log_rows
+
+            self.score_log.append(log_rows(results, request_id, self.registered_name, version))
+        except Exception:  # noqa: BLE001 - the log never fails a request
+            pass
 
     def _score(self, detector, values: list, return_map: bool) -> list[dict]:
         try:
@@ -332,16 +354,24 @@ def infer_response(request, model_name: str, version: str, registered_name: str,
 
 # ---------------------------------------------------------------------- the server
 def serve(model_uri: str, *, name: Optional[str] = None, port: int = 8080, poll_s: float = DEFAULT_POLL_S,
-          device: str = "auto", tracking_uri: Optional[str] = None) -> None:
+          device: str = "auto", tracking_uri: Optional[str] = None, score_log: Optional[str] = None) -> None:
     """Serve ``model_uri`` on ``port`` (REST, v2) until stopped; the model loads in the
-    background (ready when loaded). An unknown model or alias is a UserError before start."""
+    background (ready when loaded). An unknown model or alias is a UserError before start.
+    ``score_log``: a folder or ``s3://`` prefix for the score log (module doc); a location of
+    another kind is a UserError, an unreachable one is logged and retried."""
     _configure_logging()
     max_images_per_request()  # a bad value stops the start (exit 2), not every request
     max_bytes = v2_rest.max_request_bytes()  # likewise
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the pod's log
     registered, _, _ = parse_model_uri(model_uri)
+    sink = None
+    if score_log:
+        from ..score_log import ScoreLog, flush_seconds
+
+        flush_seconds()  # a bad RECONTRAST_SCORE_LOG_FLUSH_S stops the start (exit 2)
+        sink = ScoreLog(score_log)
     predictor = ReContrastPredictor(name or registered, model_uri, poll_s=poll_s, device=device,
-                                    tracking_uri=tracking_uri)
+                                    tracking_uri=tracking_uri, score_log=sink)
     try:
         version = predictor.target_version()
     except UserError:
@@ -351,11 +381,19 @@ def serve(model_uri: str, *, name: Optional[str] = None, port: int = 8080, poll_
     log.info("%s: %s is version %s; loading it, polling every %ss", predictor.name, model_uri, version,
              poll_s if poll_s > 0 and predictor.fixed_version is None else "- (off)")
     predictor.start_polling()
+    if sink is not None:
+        sink.start()
+        log.info("%s: logging scores to %s (a part every %gs or %d rows)", predictor.name, sink.uri, sink.flush_s,
+                 sink.flush_rows)
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1)
     server.register_model(predictor)
     # our v2 routes go on kserve's app before start() adds kserve's: for this model they answer first
     v2_rest.install(sys.modules["kserve.model_server"].app, predictor, max_bytes=max_bytes)
-    server.start([])  # registered above, not ready yet: readiness follows the loader thread
+    try:
+        server.start([])  # registered above, not ready yet: readiness follows the loader thread
+    finally:
+        if sink is not None:
+            sink.close()  # what is buffered is written on the way out
 
 
 def _configure_logging() -> None:
