@@ -1,4 +1,5 @@
-"""Fault injection: kill -9 mid-training, concurrent registry writers, flaky S3.
+"""Fault injection: kill -9 mid-training, concurrent registry writers, flaky S3, full disks,
+hostile files.
 
     python benchmarks/faults.py --out runs/faults             # the full suite (about 15-25 min)
     python benchmarks/faults.py --kill 2 --register 4 --sequences 3 --s3-rounds 1   # CI-sized
@@ -21,6 +22,14 @@ connections, answers 500 and stalls.
 * **s3**: ingest from S3 and an MLflow bundle upload/download, with the S3 endpoint behind
   the faulty proxy: they must finish identical to the source, or fail with a clear error;
   zero half-written artifacts.
+* **disk_full**: ``RECONTRAST_FAILPOINT_ENOSPC_AT=N`` at every write point N of train,
+  evaluate, predict, export and batch scoring (each run a real process): one line, exit 2,
+  no temporary file, the folder never marked complete, and the register step given a
+  failed step's output refuses it (versions registered: 0). Then (as root) a real tmpfs of
+  24 KB .. 20 MB as ``--out``: each run succeeds whole or fails the same clean way.
+* **hostile**: deep and oversized JSON, bad bundle numbers, truncated weights, a checkpoint
+  that would run code, a decompression bomb, a symlink leaving the dataset, a binary
+  settings file: one line naming the file, exit 2, no traceback, no code run.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -411,6 +421,296 @@ def s3_faults(rounds: int, work: Path, seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+# ----------------------------------------------------------------------------- disk full
+DISK_TRAIN_ARGS = ["--kind", "recontrast", "--image-size", "64", "--iterations", "4", "--batch-size", "4",
+                   "--set", "train.decoder_blocks=[1,1,1]", "--set", "train.bottleneck_blocks=1",
+                   "--set", "train.checkpoint_every=2", "--device", "cpu", "--no-progress"]
+
+
+def _temporaries(root: Path) -> list[str]:
+    """Temporary files and staging folders left anywhere under ``root``."""
+    if not root.exists():
+        return []
+    return [str(p.relative_to(root)) for p in root.rglob("*")
+            if p.name.endswith((".tmp", ".part", ".old")) or ".tmp." in p.name or p.name.startswith(".overlays.")]
+
+
+def _marker(out: Path) -> Optional[str]:
+    from recontrast_core.filenames import STEP_MARKER_FILE
+
+    f = out / STEP_MARKER_FILE
+    return json.loads(f.read_text()).get("status") if f.is_file() else None
+
+
+def _one_line(err: str) -> bool:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    return "Traceback" not in err and len(lines) == 1
+
+
+def _disk_commands(data: Path, good: Path, work: Path) -> dict:
+    """Each command (as a user runs it) as a function of its output folder."""
+    bundle = good / "train" / "bundle"
+    return {
+        "train": lambda out: ["train", data, "--out", out, *DISK_TRAIN_ARGS],
+        "evaluate": lambda out: ["evaluate", good / "train", data, "--out", out, "--device", "cpu", "--no-progress"],
+        "predict": lambda out: ["predict", bundle, data / "test", "--out", out, "--device", "cpu", "--no-progress"],
+        "export": lambda out: ["export", bundle, "--out", out, "--format", "onnx"],
+    }
+
+
+def _register_refused(bundle_dir: Path, report: Path, server_url: str) -> tuple[bool, str]:
+    """The register step on a failed step's output: must refuse (exit != 0) and register nothing."""
+    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "recontrast_core.steps", "register", "--bundle", str(bundle_dir),
+                        "--report", str(report), "--out", str(report.parent / "register.json"),
+                        "--set", f"tracking.tracking_uri={server_url}", "--set", "registry.model_name=faults-disk",
+                        "--no-progress"], capture_output=True, text=True, env=full, timeout=300)
+    return r.returncode != 0, (r.stderr.strip().splitlines() or [""])[-1]
+
+
+def disk_full_points(work: Path, server_url: Optional[str] = None, commands=("train", "evaluate", "predict", "export"),
+                     batch: bool = True) -> dict:
+    """``RECONTRAST_FAILPOINT_ENOSPC_AT=N`` at every write point N of each command (real
+    processes): each failing run must print one line and exit 2, leave no temporary file,
+    leave its folder not marked complete (evaluate: no metrics.json), and the register step
+    given its output must refuse it (nothing registered)."""
+    from recontrast_core.runtime import FAILPOINT_ENOSPC_ENV, WRITE_LOG_ENV
+
+    data = tiny_dataset(work)
+    good = work / "disk-good"
+    r = _cli("train", data, "--out", good / "train", *DISK_TRAIN_ARGS)
+    _, err = r.communicate(timeout=900)
+    if r.returncode:
+        raise RuntimeError(f"the reference training failed: {err[-2000:]}")
+    r = _cli("evaluate", good / "train", data, "--out", good / "evaluate", "--device", "cpu", "--no-progress")
+    _, err = r.communicate(timeout=900)
+    if r.returncode:
+        raise RuntimeError(f"the reference evaluation failed: {err[-2000:]}")
+    cmds = _disk_commands(data, good, work)
+    report: dict = {}
+    for name in commands:
+        clean = work / f"disk-{name}-clean"
+        log = work / f"disk-{name}.log"
+        log.unlink(missing_ok=True)
+        p = _cli(*cmds[name](clean), env={WRITE_LOG_ENV: str(log)})
+        _, err = p.communicate(timeout=900)
+        if p.returncode:
+            raise RuntimeError(f"{name}: the clean run failed: {err[-2000:]}")
+        points = [ln.split("\t", 1)[1].replace(str(clean), "OUT") for ln in log.read_text().splitlines()]
+        rows = []
+        for n, target in enumerate(points, start=1):
+            out = work / f"disk-{name}-{n}"
+            p = _cli(*cmds[name](out), env={FAILPOINT_ENOSPC_ENV: str(n)})
+            _, err = p.communicate(timeout=900)
+            line = next((ln for ln in err.splitlines() if ln.startswith("error:")), "")
+            row = {"n": n, "target": target, "exit": p.returncode, "one_line": _one_line(err),
+                   "names_the_file": Path(target).name in line, "temporaries": _temporaries(out),
+                   "marker": _marker(out)}
+            half = bool(row["temporaries"]) or row["marker"] == "complete"
+            if name == "evaluate":
+                half = half or (out / "metrics.json").exists()
+            if name == "export":
+                half = half or (out / "export.json").exists()
+            row["half_written"] = half
+            if server_url and name in ("train", "evaluate"):
+                bundle_dir = out if name == "train" else good / "train"
+                report_dir = good / "evaluate" if name == "train" else out
+                refused, why = _register_refused(bundle_dir, report_dir / "metrics.json", server_url)
+                row["register_refused"], row["register_said"] = refused, why[:160]
+            rows.append(row)
+            shutil.rmtree(out, ignore_errors=True)
+        report[name] = {
+            "write_points": len(points),
+            "targets": sorted(set(points)),
+            "clean_exit_2_one_line": sum(r_["exit"] == 2 and r_["one_line"] for r_ in rows),
+            "names_the_file": sum(r_["names_the_file"] for r_ in rows),
+            "half_written": sum(r_["half_written"] for r_ in rows),
+            **({"registered_from_failed": sum(not r_["register_refused"] for r_ in rows)}
+               if server_url and name in ("train", "evaluate") else {}),
+            "failures": [r_ for r_ in rows if not (r_["exit"] == 2 and r_["one_line"]) or r_["half_written"]
+                         or r_.get("register_refused") is False],
+        }
+        print(json.dumps({f"disk_full.{name}": {k: v for k, v in report[name].items() if k != "targets"}}), flush=True)
+    if batch:
+        report["batch"] = _disk_full_batch(data, good, work)
+        print(json.dumps({"disk_full.batch": report["batch"]}), flush=True)
+    if server_url:
+        from recontrast_core.mlops import tracking
+
+        client = tracking.get_client(server_url)
+        try:
+            report["registered_versions"] = len(client.search_model_versions("name='faults-disk'"))
+        except Exception:  # noqa: BLE001 - no such model: nothing registered
+            report["registered_versions"] = 0
+    return report
+
+
+def _disk_full_batch(data: Path, good: Path, work: Path) -> dict:
+    """Batch scoring into a local folder, the failpoint at every write point, then a rerun
+    with space: whole parts only, and every image exactly once after the rerun."""
+    code = ("import sys; from recontrast_core.mlops.batch_scoring import run_batch_scoring as r; "
+            "from recontrast_core.errors import UserError\n"
+            "try: r(sys.argv[1], [sys.argv[2]], sys.argv[3], chunk_size=2, device='cpu', progress=False)\n"
+            "except UserError as e: print(f'error: {e}', file=sys.stderr); sys.exit(2)")
+    from recontrast_core.runtime import FAILPOINT_ENOSPC_ENV, WRITE_LOG_ENV
+
+    def run(out: Path, env: dict) -> subprocess.CompletedProcess:
+        full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+        return subprocess.run([sys.executable, "-c", code, str(good / "train" / "bundle"), str(data / "test"), str(out)],
+                              capture_output=True, text=True, env=full, timeout=900)
+
+    log = work / "disk-batch.log"
+    log.unlink(missing_ok=True)
+    if run(work / "disk-batch-clean", {WRITE_LOG_ENV: str(log)}).returncode:
+        raise RuntimeError("batch: the clean run failed")
+    n_points = len(log.read_text().splitlines())
+    rows = []
+    import pandas as pd
+
+    from recontrast_core.data.images import is_image_filename
+
+    n_images = sum(1 for f in (data / "test").rglob("*") if f.is_file() and is_image_filename(f.name))
+
+    for n in range(1, n_points + 1):
+        out = work / f"disk-batch-{n}"
+        r = run(out, {FAILPOINT_ENOSPC_ENV: str(n)})
+        temps = _temporaries(out)
+        again = run(out, {})
+        table = pd.read_parquet(out / "results.parquet") if (out / "results.parquet").is_file() else None
+        rows.append({"n": n, "exit": r.returncode, "one_line": _one_line(r.stderr), "temporaries": temps,
+                     "rerun_ok": again.returncode == 0 and table is not None and table.iloc[:, 0].is_unique
+                     and len(table) == n_images})
+        shutil.rmtree(out, ignore_errors=True)
+    return {"write_points": n_points, "clean_exit_2_one_line": sum(r["exit"] == 2 and r["one_line"] for r in rows),
+            "half_written": sum(bool(r["temporaries"]) for r in rows), "rerun_every_image_once": sum(r["rerun_ok"] for r in rows),
+            "failures": [r for r in rows if not (r["exit"] == 2 and r["one_line"]) or r["temporaries"] or not r["rerun_ok"]]}
+
+
+def disk_full_tmpfs(work: Path, sizes_kb=(24, 256, 2048, 20480)) -> dict:
+    """A real full disk: each command with ``--out`` on a tmpfs of each size (root only:
+    ``mount -t tmpfs``). Each run succeeds whole or fails with one line, exit 2, no
+    temporary file and no folder marked complete."""
+    if os.geteuid() != 0:
+        return {"skipped": "needs root to mount a tmpfs"}
+    data = tiny_dataset(work)
+    good = work / "disk-good"
+    cmds = _disk_commands(data, good, work)
+    mnt = work / "tmpfs"
+    mnt.mkdir(exist_ok=True)
+    rows = []
+    for kb in sizes_kb:
+        for name in ("train", "evaluate", "predict", "export"):
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(mnt)],
+                                     capture_output=True, text=True)
+            if mounted.returncode:
+                return {"skipped": f"mount failed: {mounted.stderr.strip()}"}
+            try:
+                out = mnt / name
+                p = _cli(*cmds[name](out))
+                _, err = p.communicate(timeout=900)
+                row = {"size_kb": kb, "command": name, "exit": p.returncode,
+                       "one_line": p.returncode == 0 or _one_line(err),
+                       "disk_full_said": "no space left on device" in err, "temporaries": _temporaries(out),
+                       "marker": _marker(out)}
+                row["half_written"] = bool(row["temporaries"]) or (p.returncode != 0 and row["marker"] == "complete")
+                rows.append(row)
+            finally:
+                subprocess.run(["umount", str(mnt)], capture_output=True)
+    failed = [r for r in rows if r["exit"] != 0]
+    return {"runs": len(rows), "succeeded": len(rows) - len(failed),
+            "failed_clean": sum(r["exit"] == 2 and r["one_line"] and r["disk_full_said"] for r in failed),
+            "half_written": sum(r["half_written"] for r in rows),
+            "bad": [r for r in rows if r["half_written"] or (r["exit"] != 0 and not (r["exit"] == 2 and r["one_line"]))],
+            "table": [{k: r[k] for k in ("size_kb", "command", "exit")} for r in rows]}
+
+
+# ----------------------------------------------------------------------------- hostile files
+def hostile_files(work: Path) -> dict:
+    """Files a hostile or careless user hands the tool, each through the real CLI: one
+    line naming the file, exit 2, never a traceback."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    data = tiny_dataset(work)
+    good = work / "disk-good"
+    bundle = good / "train" / "bundle"
+    if not (bundle / "bundle.json").is_file():
+        r = _cli("train", data, "--out", good / "train", *DISK_TRAIN_ARGS)
+        r.communicate(timeout=900)
+    h = work / "hostile"
+    shutil.rmtree(h, ignore_errors=True)
+    h.mkdir()
+    cases: dict[str, tuple[list, str]] = {}
+
+    def dataset_copy(name: str) -> Path:
+        return Path(shutil.copytree(data, h / name))
+
+    deep = "[" * 100_000 + "]" * 100_000
+    ds = dataset_copy("deep-labelme")
+    (ds / "train" / "good" / "x.json").write_text('{"shapes": ' + deep + "}")
+    cases["JSON nested 100,000 deep in a dataset folder"] = (["data", "check", ds], "x.json")
+    b = Path(shutil.copytree(bundle, h / "deep-bundle"))
+    (b / "bundle.json").write_text(deep)
+    cases["bundle.json nested 100,000 deep"] = (["predict", b, data / "test", "--out", h / "o1"], "bundle.json")
+    for label, edit, field in (("n_normal 1e400", ("calibration", "n_normal", "1e400"), "n_normal"),
+                               ("std [0,0,0]", ("preprocessing", "std", [0, 0, 0]), "std"),
+                               ("mean 'abc'", ("preprocessing", "mean", "abc"), "mean")):
+        b = Path(shutil.copytree(bundle, h / f"bundle-{field}"))
+        text = (b / "bundle.json").read_text()
+        meta = json.loads(text)
+        meta[edit[0]][edit[1]] = edit[2]
+        raw = json.dumps(meta)
+        if edit[2] == "1e400":
+            raw = raw.replace('"1e400"', "1e400")
+        (b / "bundle.json").write_text(raw)
+        cases[f"bundle {label}"] = (["predict", b, data / "test", "--out", h / f"o-{field}"], field)
+    b = Path(shutil.copytree(bundle, h / "truncated-weights"))
+    w = next(b.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:1000])
+    cases["truncated weights"] = (["predict", b, data / "test", "--out", h / "o2"], w.name)
+
+    class _Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(h / "PWNED"),))
+
+    t = h / "evil-train"
+    (t / "checkpoints").mkdir(parents=True)
+    torch.save({"model": _Evil()}, t / "checkpoints" / "last.pt")
+    cases["checkpoint that would run code"] = (["train", data, "--out", t, "--resume", *DISK_TRAIN_ARGS], "last.pt")
+    ds = dataset_copy("bomb")
+    bomb = ds / "train" / "good" / "bomb.png"
+    Image.fromarray(np.zeros((1, 1), np.uint8)).resize((20000, 20000)).save(bomb, optimize=True)
+    cases["decompression bomb (400 MP PNG)"] = (["data", "check", ds], "bomb.png")
+    ds = dataset_copy("symlink")
+    outside = h / "outside.png"
+    shutil.copy(next((data / "test" / "good").iterdir()), outside)
+    (ds / "train" / "good" / "link.png").symlink_to(outside)
+    cases["symlink leaving the dataset root"] = (["data", "check", ds], "link.png")
+    settings = h / "settings.bin"
+    settings.write_bytes(bytes(range(256)) * 4)
+    cases["binary settings file"] = (["train", data, "--out", h / "o3", "--config", settings], "settings.bin")
+    big = h / "big.json"
+    big.write_text(json.dumps({"x": "a" * 3_000_000}))
+    b = Path(shutil.copytree(bundle, h / "big-bundle"))
+    shutil.copy(big, b / "bundle.json")
+    cases["bundle.json over the size limit (RECONTRAST_JSON_MAX_MB=1)"] = (
+        ["predict", b, data / "test", "--out", h / "o4"], "bundle.json")
+    rows = []
+    for label, (args, must_name) in cases.items():
+        env = {"RECONTRAST_JSON_MAX_MB": "1"} if "size limit" in label else {}
+        p = _cli(*args, env=env)
+        out, err = p.communicate(timeout=900)
+        text = out + err
+        # `data check` lists each problem on a "problem:" line (exit 2); other commands print "error:"
+        said = [ln.strip() for ln in text.splitlines() if ln.startswith("error:") or ln.strip().startswith("problem:")]
+        line = said[0] if said else ""
+        rows.append({"case": label, "exit": p.returncode, "one_line": "Traceback" not in text and len(said) == 1,
+                     "names_it": must_name in line, "said": line[:200]})
+    return {"cases": len(rows), "clean": sum(r["exit"] == 2 and r["one_line"] and r["names_it"] for r in rows),
+            "code_ran": (h / "PWNED").exists(), "rows": rows}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/faults"))
@@ -419,6 +719,9 @@ def main(argv=None) -> int:
     p.add_argument("--sequences", type=int, default=100)
     p.add_argument("--s3-rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disk-full", action=argparse.BooleanOptionalAction, default=True,
+                   help="the failpoint at every write point, and real full tmpfs folders (root)")
+    p.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True, help="hostile input files")
     args = p.parse_args(argv)
     if not DATA.is_dir():
         print(f"error: {DATA} not found (the kill and S3 trials use real images)", file=sys.stderr)
@@ -451,6 +754,24 @@ def main(argv=None) -> int:
     if args.s3_rounds:
         report["s3"] = s3_faults(args.s3_rounds, work, args.seed)
         print(json.dumps({"s3": report["s3"]}), flush=True)
+    if args.disk_full:
+        from tests.integration.conftest import start_mlflow_server, stop_mlflow_server
+
+        server = start_mlflow_server(work / "mlflow-disk", str(work / "mlflow-disk-artifacts"))
+        try:
+            report["disk_full"] = disk_full_points(work, server.url)
+        finally:
+            stop_mlflow_server(server)
+        report["disk_full"]["tmpfs"] = disk_full_tmpfs(work)
+        print(json.dumps({"disk_full.tmpfs": {k: v for k, v in report["disk_full"]["tmpfs"].items() if k != "table"}}),
+              flush=True)
+        print(json.dumps({"disk_full.registered_versions": report["disk_full"].get("registered_versions")}), flush=True)
+    if args.hostile:
+        report["hostile"] = hostile_files(work)
+        print(json.dumps({"hostile": {k: v for k, v in report["hostile"].items() if k != "rows"}}), flush=True)
+        for row in report["hostile"]["rows"]:
+            print(f"  {row['case']}: exit {row['exit']}, one line {row['one_line']}, names it {row['names_it']}: "
+                  f"{row['said']}", flush=True)
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
     (args.out / "faults.json").write_text(json.dumps(report, indent=1, default=str))
     shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,7 @@
 """A CI-sized subset of the fault-injection suite (benchmarks/faults.py): kill -9 during
-training then resume, concurrent registry writers against a real mlflow server, and S3
-behind a proxy that resets connections, answers 500 and stalls. The full suite's figures
+training then resume, concurrent registry writers against a real mlflow server, S3
+behind a proxy that resets connections, answers 500 and stalls, and a full disk at every
+write point of evaluate. The full suite's figures
 are in docs/reliability.md.
 
 The images are ``tiles_root``'s (magnetic-tile-dev, or its synthetic stand-in where that is
@@ -45,3 +46,15 @@ def test_s3_faults_ingest_and_bundle_upload_finish_intact(tiles_root, tmp_path):
     assert report["mlflow_bundle"][0]["ok"] and report["mlflow_bundle"][0]["identical"]
     conns = report["proxy_connections"]
     assert conns["reset"] + conns["500"] > 0  # faults were really injected
+
+
+def test_disk_full_at_every_write_point_of_evaluate_registers_nothing(tiles_root, tmp_path, mlflow_server_local):
+    """The disk-full section (real processes): evaluate failing at each write point leaves
+    no metrics.json, no temporary file, and the register step refuses its folder."""
+    faults.tiny_dataset(tmp_path, src=tiles_root)
+    report = faults.disk_full_points(tmp_path, mlflow_server_local.url, commands=("evaluate",), batch=False)
+    ev = report["evaluate"]
+    assert ev["write_points"] >= 5, ev
+    assert ev["clean_exit_2_one_line"] == ev["write_points"] and ev["names_the_file"] == ev["write_points"], ev
+    assert ev["half_written"] == 0 and ev["registered_from_failed"] == 0, ev["failures"]
+    assert report["registered_versions"] == 0
