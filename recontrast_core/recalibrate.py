@@ -33,6 +33,7 @@ import numpy as np
 
 from .bundle import load_detector, read_bundle_meta
 from .calibration import Calibration, fit_calibration, input_reference
+from .data.manifest import file_sha256
 from .errors import UserError
 from .filenames import BUNDLE_META_FILE, BUNDLE_WEIGHTS_FILE
 from .promotion import Decision, PromotionPolicy, decide_promotion
@@ -103,18 +104,10 @@ def _summary(scores: np.ndarray) -> dict:
             "max": float(s.max())}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def images_digest(paths: Sequence[PathLike]) -> tuple[str, list[dict]]:
     """``(sha256, rows)``: one row ``{"path", "sha256"}`` per image, and the SHA-256 of their
     sorted content hashes (the same images give the same digest wherever they lie)."""
-    rows = [{"path": str(p), "sha256": _file_sha256(Path(p))} for p in paths]
+    rows = [{"path": str(p), "sha256": file_sha256(Path(p))} for p in paths]
     h = hashlib.sha256()
     for digest in sorted(r["sha256"] for r in rows):
         h.update(digest.encode())

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .data.manifest import file_sha256
 from .errors import UserError
 from .runtime import atomic_write, atomic_write_json, ensure_output_dir, read_json
 
@@ -251,14 +252,6 @@ def review_name(source: str, suffix: str) -> str:
     return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:10]}{suffix.lower()}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _copy(src: Path, dst: Path) -> None:
     atomic_write(dst, lambda p: shutil.copyfile(src, p))
 
@@ -299,7 +292,7 @@ def export_review(detector, items: Sequence[Mapping[str, Any]], out_dir: PathLik
                                    flags={FLAG_REVIEWED: False, FLAG_SKIP: False}, extra={"recontrast": info})
             ann = Path(name).with_suffix(".json").name
             atomic_write_json(out / ann, doc)
-            entries.append({"image": name, "annotation": ann, "sha256": _sha256(out / name), "polygons": len(polygons),
+            entries.append({"image": name, "annotation": ann, "sha256": file_sha256(out / name), "polygons": len(polygons),
                             **{k: v for k, v in info.items() if k != "threshold"}})
             bar.advance(1)
     payload = {"format": REVIEW_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -368,7 +361,7 @@ def read_review(project: PathLike) -> tuple[dict, list[ReviewedImage]]:
         else:
             verdict = "anomaly" if shapes else "normal"
         label = check_label(shapes[0].label) if verdict == "anomaly" else None
-        out.append(ReviewedImage(image, ann, item.get("source", ""), verdict, label, shapes, doc, _sha256(image)))
+        out.append(ReviewedImage(image, ann, item.get("source", ""), verdict, label, shapes, doc, file_sha256(image)))
     return meta, out
 
 
@@ -376,12 +369,12 @@ def read_review(project: PathLike) -> tuple[dict, list[ReviewedImage]]:
 # into the dataset
 # ---------------------------------------------------------------------------------------
 def _dataset_hashes(manifest) -> dict[str, str]:
-    return {_sha256(manifest.abspath(e.path)): e.path for e in manifest.entries if manifest.abspath(e.path).is_file()}
+    return {file_sha256(manifest.abspath(e.path)): e.path for e in manifest.entries if manifest.abspath(e.path).is_file()}
 
 
 def _place(src: Path, dst: Path, sha: str, written: list[Path]) -> None:
     if dst.exists():
-        if _sha256(dst) != sha:
+        if file_sha256(dst) != sha:
             raise UserError(f"{dst}: a different file of that name is already in the dataset")
         return
     _copy(src, dst)
