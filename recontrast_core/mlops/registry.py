@@ -425,6 +425,31 @@ def force_promote(
     return decision
 
 
+def promote_decided(model_name: str, version: str, decision: Decision, expected_champion: Optional[str], *,
+                    tags: Optional[dict] = None, client=None) -> Decision:
+    """Apply a decision taken outside the comparison gate (a recalibration's FPR gate) under
+    the model's lock: when it promotes and the champion is still ``expected_champion``, move
+    the champion; otherwise (the champion moved meanwhile) register only. The decision, its
+    reason and ``tags`` are recorded on the version either way. Returns what was applied."""
+    client = client or get_client()
+    version = str(version)
+    get_version(client, model_name, version)
+    with model_lock(client, model_name):
+        champion = alias_version(client, model_name, CHAMPION)
+        now = str(champion.version) if champion is not None else None
+        if decision.promote and now != (str(expected_champion) if expected_champion is not None else None):
+            decision = Decision(False, f"the champion changed to v{now or '?'} while v{version} was decided on; "
+                                       "registered only")
+        if decision.promote:
+            _move_champion(client, model_name, version, champion)
+        _set_tags(client, model_name, version, {TAG_DECISION: "promoted" if decision.promote else "rejected",
+                                                TAG_REASON: decision.reason, **(tags or {}),
+                                                **({TAG_COMPARED_WITH: now} if now is not None else {})})
+        if decision.promote:
+            _verify(client, model_name, f"promoting v{version}")
+    return decision
+
+
 def rollback(model_name: str = DEFAULT_MODEL_NAME, *, reason: str = "", client=None) -> dict:
     """``champion`` <- ``previous_champion``. The demoted version is tagged
     ``promotion_decision=rolled_back``; ``previous_champion`` is removed (a second rollback

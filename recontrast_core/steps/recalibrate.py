@@ -214,26 +214,15 @@ def _register(result, settings: PipelineConfig, parent_name: Optional[str], pare
 
 
 def _apply(client, name: str, version: str, decision: Decision, parent_version: Optional[str], champion):
-    """Move the champion when the gate passed and the champion is still the parent; record
-    the decision on the version either way."""
+    """Move the champion when the gate passed and the champion is still the one recalibrated
+    (checked under the model's lock); record the decision on the version either way."""
     from ..mlops import registry
 
-    if decision.promote:
-        now = registry.alias_version(client, name, registry.CHAMPION)
-        before = str(champion.version) if champion is not None else None
-        if (str(now.version) if now is not None else None) != before:
-            decision = Decision(False, f"the champion changed to v{now.version if now else '?'} while "
-                                       f"v{version} was being recalibrated; register only")
-    if decision.promote:
-        # The weights are the champion's (the gate checked it): no comparison of ranking metrics.
-        # force_promote moves the aliases under the model's lock; the decision is the gate's.
-        registry.force_promote(name, version, f"recalibration gate: {decision.reason}", client=client)
-    label = "promoted" if decision.promote else "rejected"
-    for key, value in {registry.TAG_DECISION: label, registry.TAG_REASON: decision.reason,
-                       PROMOTION_RULE_TAG: "recalibration",
-                       **({registry.TAG_COMPARED_WITH: champion.version} if champion is not None else {})}.items():
-        client.set_model_version_tag(name, version, key, str(value)[:5000])
-    return decision, label
+    # The weights are the champion's (the gate checked the FPR): no comparison of ranking metrics.
+    decision = registry.promote_decided(name, version, decision,
+                                        str(champion.version) if champion is not None else None,
+                                        tags={PROMOTION_RULE_TAG: "recalibration"}, client=client)
+    return decision, "promoted" if decision.promote else "rejected"
 
 
 def _bundle_meta(bundle_dir: Path) -> dict:
