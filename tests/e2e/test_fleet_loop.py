@@ -9,7 +9,9 @@ For each line (``line: a`` and ``line: b``, settings ``recontrast-<line>``):
 3. the drift monitor on that table (``recontrast monitor``, one MLflow run per window);
 4. recalibration on new normal images (``recontrast recalibrate``, target FPR 0.3 so that
    some production images are flagged), a new version that becomes the champion;
-5. batch scoring again and the monitor on the new champion's table;
+5. batch scoring again and the monitor on the new champion's table; then a window of the
+   line's normal images scored and monitored: as they are for line a (``ok``), 30 % darker
+   for line b (``watch`` or ``retrain``);
 6. a review round trip: ``recontrast review export`` of the flagged and borderline images,
    a reviewer's edits (defects keep a polygon, good images lose theirs), ``recontrast review
    import`` into the line's dataset: a new DVC version pushed to S3 that ``recontrast data
@@ -39,6 +41,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 # line -> its defect type; each line gets its own images (no file in two places)
 LINES = {"a": "blowhole", "b": "crack"}
+DRIFTED = "b"  # its monitored window is darkened by 30 %
 N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 8, 2, 2
 N_INCOMING_GOOD, N_INCOMING_DEFECT, N_NORMALS = 4, 3, 20
 DVC_BUCKET, IN_BUCKET, OUT_BUCKET = "fleet-dvc", "fleet-incoming", "fleet-scores"
@@ -140,6 +143,18 @@ def _train_and_register(line: str, fleet: dict) -> dict:
                           pipeline_run_id=f"fleet-train-{line}")
 
 
+def _darkened(src: Path, dst: Path, factor: float) -> Path:
+    """Copies of the images in ``src`` with every grey level times ``factor`` (a dimmer lamp)."""
+    import numpy as np
+    from PIL import Image
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.iterdir()):
+        arr = np.asarray(Image.open(p).convert("L"), dtype=np.float32)
+        Image.fromarray(np.clip(arr * factor, 0, 255).astype(np.uint8)).save(dst / f"{p.stem}.png")
+    return dst
+
+
 def _review(project: Path, defects: set[str]) -> None:
     """The reviewer: a defect keeps its polygons (or gets one), a good image loses them."""
     meta = json.loads((project / "review.json").read_text())
@@ -193,6 +208,19 @@ def test_two_lines_through_train_score_monitor_recalibrate_review(fleet, mlflow_
         mon2 = invoke("monitor", f"s3://{OUT_BUCKET}/{line}/v2/", "--model", model, "--set", f"line={line}",
                       "--out", work / f"monitor-{line}-v2", ok=(0, 10, 11), lenient=MONITOR_STDOUT_LENIENT)
 
+        # 5b. drift: a window of the line's normals as they are (line a), or 30 % darker (line b)
+        window = fleet["work"] / f"normals-{line}"
+        if line == DRIFTED:
+            window = _darkened(window, work / f"darker-{line}", 0.7)
+        invoke("predict", "--model", model, window, "--out", work / f"scores-{line}-window")
+        mon3 = invoke("monitor", work / f"scores-{line}-window", "--model", model, "--images", window,
+                      "--set", f"line={line}", "--out", work / f"monitor-{line}-window", ok=(0, 10, 11),
+                      lenient=MONITOR_STDOUT_LENIENT)
+        if line == DRIFTED:
+            assert mon3["verdict"] in ("watch", "retrain"), mon3
+        else:
+            assert mon3["verdict"] == "ok", mon3
+
         # 6. review round trip into the line's DVC dataset
         project = work / f"review-{line}"
         exported = invoke("review", "export", "--scores", f"s3://{OUT_BUCKET}/{line}/v2/", "--out", project,
@@ -207,7 +235,7 @@ def test_two_lines_through_train_score_monitor_recalibrate_review(fleet, mlflow_
         assert imported["dvc"]["md5"] != imported["dvc"]["previous_md5"] and imported["dvc"]["pushed"] > 0
         check = invoke("data", "check", repo / "data" / f"line-{line}")
         assert check["ok"] and check["splits"]["train"]["normal"] == N_TRAIN + N_INCOMING_GOOD
-        results[line] = {"reg": reg, "recal": recal, "verdict": mon2["verdict"]}
+        results[line] = {"reg": reg, "recal": recal, "verdict": mon3["verdict"]}
 
     # the data repository: one commit per review import, each tagged, nothing left uncommitted
     log = subprocess.run(["git", "-C", repo, "log", "--format=%s"], capture_output=True, text=True).stdout
