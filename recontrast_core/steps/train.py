@@ -3,6 +3,7 @@ bundle (``auto``: the best of ReContrast, patch-kNN and their fusion on the vali
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -45,7 +46,8 @@ def train(
               "n_train_images": len(rows)}
     if not is_main_process():
         pipeline_run_id = None  # one MLflow run per step, from rank 0
-    with step_outputs(out, "train"), \
+    # under torchrun rank 0 alone writes (and marks) the folder; the others only train
+    with (step_outputs(out, "train") if is_main_process() else contextlib.nullcontext()), \
             step_tracking("train", pipeline_run_id, settings.tracking, params=params,
                           dataset_fingerprint=rows.fingerprint) as run_id:
         result = fit_detector(everything, settings.model, cfg, out, init_encoder=str(encoder) if encoder else None,

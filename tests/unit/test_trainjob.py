@@ -402,6 +402,8 @@ def test_the_node_command_downloads_trains_on_two_processes_and_uploads(s3, tiny
     candidate = {"run/bundle/candidates/recontrast/bundle.json",
                  "run/bundle/candidates/recontrast/model.safetensors"}
     assert keys - candidate == {"run/bundle/bundle/bundle.json", "run/bundle/bundle/model.safetensors",
-                                "run/bundle/checkpoints/last.pt"}, keys
+                                "run/bundle/checkpoints/last.pt", "run/bundle/.recontrast-step.json"}, keys
+    marker = json.loads(s3.get_object(Bucket="art", Key="run/bundle/.recontrast-step.json")["Body"].read())
+    assert marker["status"] == "complete"  # rank 0 marked the output finished before the upload
     meta = json.loads(s3.get_object(Bucket="art", Key="run/bundle/bundle/bundle.json")["Body"].read())
     assert meta["training"]["iterations"] == 2 and meta["training"]["world_size"] == 2
