@@ -110,8 +110,9 @@ _STEP_FRAMES: list[_StepFrame] = []
 
 
 def note_output(path: Path) -> None:
-    """Record a folder renamed into place whole (a bundle, overlays/) as an output of the
-    running step: removed with the step's files when the step fails."""
+    """Record ``path`` as an output of the running step (every write point does; a folder
+    renamed into place whole, a bundle or overlays/, is noted by its writer): removed with
+    the step's files when the step fails."""
     for frame in _STEP_FRAMES:
         frame.note(Path(path))
 
@@ -123,8 +124,7 @@ def write_point(path: Path) -> None:
     with _WRITE_LOCK:
         _WRITE_COUNT += 1
         n = _WRITE_COUNT
-    for frame in _STEP_FRAMES:
-        frame.note(Path(path))
+    note_output(path)
     log = os.environ.get(WRITE_LOG_ENV)
     if log:
         with open(log, "a") as f:
@@ -160,6 +160,14 @@ def disk_nearly_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < DISK_NEARLY_FULL_BYTES
     except OSError:
         return False
+
+
+def _failed_on_full_disk(exc: BaseException, folder: Path) -> bool:
+    """A write into ``folder`` that raised ``exc`` failed because the disk is full: then its
+    traceback is dropped (:func:`_drop`) so that the writer's open file is closed."""
+    if isinstance(exc, Exception) and (is_disk_full(exc) or disk_nearly_full(folder)):
+        return _drop(exc)
+    return False
 
 
 def disk_full_message(exc: BaseException) -> Optional[str]:
@@ -206,9 +214,9 @@ def staged_write(path: Path, write: Callable[[Path], None]) -> Path:
         write(path)
         fsync_path(path)
     except Exception as exc:
-        if not (is_disk_full(exc) or disk_nearly_full(path.parent)):
+        full = _failed_on_full_disk(exc, path.parent)
+        if not full:
             raise
-        full = _drop(exc)
     if full:
         path.unlink(missing_ok=True)
         raise disk_full_error(path)
@@ -244,10 +252,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
         fsync_path(path.parent, directory=True)
     except BaseException as exc:
-        if not (isinstance(exc, Exception) and (is_disk_full(exc) or disk_nearly_full(path.parent))):
+        full = _failed_on_full_disk(exc, path.parent)
+        if not full:
             Path(tmp).unlink(missing_ok=True)
             raise
-        full = _drop(exc)
     if full:  # raised outside the handler: the writer's frames are gone, its file closed
         Path(tmp).unlink(missing_ok=True)
         raise disk_full_error(path)
@@ -640,7 +648,7 @@ def output_lock(out_dir: Path, what: str = "output folder"):
 def step_outputs(out_dir: Path, step: str):
     """Mark ``out_dir`` as the ``step``'s output folder being written: its marker
     (:data:`~recontrast_core.filenames.STEP_MARKER_FILE`) says ``running`` first and
-    ``complete`` (with the list of files) last. When the body raises, the files it wrote are
+    ``complete`` last. When the body raises, the files it wrote are
     removed and the marker says ``failed`` (kill -9 leaves ``running``): the next step's
     :func:`require_complete` refuses the folder either way. The marker holds no times, so a
     rerun writes the same bytes (DVC's cache). The folder is held (:func:`output_lock`) for
@@ -677,9 +685,7 @@ def _marked(out: Path, step: str):
     _STEP_FRAMES.append(frame)
     try:
         yield out
-        files = sorted(str(f.relative_to(out)) for f in out.rglob("*")  # hidden ones (marker, lock, temps) aside
-                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(out).parts))
-        atomic_write_json(marker, {"step": step, "status": "complete", "files": files})
+        atomic_write_json(marker, {"step": step, "status": "complete"})
     except BaseException:
         for path in frame.written:
             if path != marker:
