@@ -125,8 +125,9 @@ def submit_retraining(settings: dict, reason: str, window_runs: str, kfp_host: s
     from .client import submit
 
     cfg = PipelineConfig.model_validate(settings)
-    pipeline_run_id = f"monitor-retrain-{monitor_run_id or f'{_dt.datetime.now(_dt.timezone.utc):%Y%m%d%H%M%S}'}"
-    run_name = f"recontrast-retrain-by-monitor-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
+    now = _dt.datetime.now(_dt.timezone.utc)
+    pipeline_run_id = f"monitor-retrain-{monitor_run_id or f'{now:%Y%m%d%H%M%S}'}"
+    run_name = f"recontrast-retrain-by-monitor-{now:%Y%m%d-%H%M%S}"
     result = (submit_fn or submit)(kfp_host, training_arguments(cfg, pipeline_run_id), experiment=experiment,
                                    run_name=run_name, package_path=package_path, pipeline="training")
     out = {**result, "pipeline_run_id": pipeline_run_id, "reason": reason, "marked": [], "recorded": []}

@@ -321,10 +321,8 @@ def split_windows(n: int, spec="all", times: Optional[Sequence] = None) -> list[
     order = np.arange(n) if t is None else np.lexsort((np.arange(n), np.where(np.isfinite(t), t, np.inf)))
 
     def span(rows: np.ndarray) -> tuple[Optional[float], Optional[float]]:
-        if t is None or not rows.size or not np.isfinite(t[rows]).any():
-            return None, None
-        known = t[rows][np.isfinite(t[rows])]
-        return float(known.min()), float(known.max())
+        known = np.empty(0) if t is None else t[rows][np.isfinite(t[rows])]
+        return (float(known.min()), float(known.max())) if known.size else (None, None)
 
     if n == 0:
         return []
@@ -333,17 +331,18 @@ def split_windows(n: int, spec="all", times: Optional[Sequence] = None) -> list[
         return [{"label": "all", "start": start, "end": end, "rows": order}]
     if kind == "count":
         out = []
-        for i, k in enumerate(range(0, n, size)):
+        for k in range(0, n, size):
             rows = order[k:k + size]
             start, end = span(rows)
             out.append({"label": f"rows {k}-{k + rows.size - 1}", "start": start, "end": end, "rows": rows})
         return out
     if t is None or not np.all(np.isfinite(t)):
         raise ValueError(f"window {spec!r} needs a time for every row (scored_at)")
-    bucket = np.floor(t / size).astype(np.int64)
+    bucket = np.floor(t[order] / size).astype(np.int64)  # non-decreasing: ``order`` is time order
+    firsts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
     out = []
-    for b in np.unique(bucket):
-        rows = order[bucket[order] == b]
+    for first, rows in zip(firsts, np.split(order, firsts[1:])):
+        b = bucket[first]
         out.append({"label": _iso(b * size), "start": float(b * size), "end": float((b + 1) * size), "rows": rows})
     return out
 
@@ -415,8 +414,8 @@ def plot_report(report: dict, path, reference_normalised=(), last_normalised=())
     ax.legend(loc="upper left")
     ax = axes[1]
     rules = report.get("rules", {})
-    for key, label, marker in (("scores_below_threshold", "scores < threshold", "o"),):
-        ax.plot(x, [(w.get(key) or {}).get("psi", np.nan) for w in windows], marker=marker, label=label)
+    ax.plot(x, [(w.get("scores_below_threshold") or {}).get("psi", np.nan) for w in windows], marker="o",
+            label="scores < threshold")
     for stat in INPUT_STATS:
         vals = [((w.get("input") or {}).get(stat) or {}).get("psi", np.nan) for w in windows]
         if not all(np.isnan(vals)):

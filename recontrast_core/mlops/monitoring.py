@@ -23,14 +23,14 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from ..bundle import read_bundle_meta
 from ..calibration import INPUT_STATS, Calibration, CalibrationFieldError, image_statistics, normalise
 from ..config import MonitorConfig
-from ..data.images import is_image_filename, load_image_rgb
+from ..data.images import decode_image_bytes, is_image_filename, load_image_rgb
 from ..errors import UserError, first_line
 from ..filenames import BUNDLE_META_FILE
 from ..monitor import (EXIT_CODES, Rules, monitor_windows, parse_window, plot_report, should_retrain, split_windows,
@@ -38,7 +38,6 @@ from ..monitor import (EXIT_CODES, Rules, monitor_windows, parse_window, plot_re
 from .locations import S3Prefix, is_s3, open_location
 from .model_source import resolve_model
 from .score_log import read_score_table
-from .storage import s3_client, s3_errors, with_retries
 
 REPORT_FILE = "monitor.json"
 PLOT_FILE = "monitor.png"
@@ -66,24 +65,25 @@ def model_calibration(model_uri: str, dest: Path, tracking_uri: Optional[str]) -
 
 
 # ----------------------------------------------------------------------------- images
-def _image_uris(images: str, client_fn) -> list[tuple[str, Any]]:
-    """(uri, how to get a local file) of every image under ``images`` (a folder, a file, or an s3:// prefix)."""
+def _image_uris(images: str, client) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """(uri, its decoded RGB on call) of every image under ``images`` (a folder, a file, or
+    an s3:// prefix: read into memory, decoded as serving decodes request bytes)."""
     if is_s3(images):
-        loc = S3Prefix(images, client_fn())
-        out = []
-        for page in loc.pages():
-            out += [(loc.join(rel), loc) for rel in page if is_image_filename(rel)
-                    and not rel.rsplit("/", 1)[-1].startswith(".")]
-        return out
+        loc = S3Prefix(images, client)
+        return [(loc.join(rel), lambda rel=rel: decode_image_bytes(loc.read_bytes(rel), loc.join(rel)))
+                for page in loc.pages() for rel in page
+                if is_image_filename(rel) and not rel.rsplit("/", 1)[-1].startswith(".")]
     if "://" in images:
         raise UserError(f"{images}: unsupported location for --images (a folder or s3://bucket/prefix/)")
     p = Path(images)
     if p.is_file():
-        return [(str(p.resolve()), None)]
-    if not p.is_dir():
+        files = [p.resolve()]
+    elif p.is_dir():
+        files = [f.resolve() for f in sorted(p.rglob("*"))
+                 if f.is_file() and is_image_filename(f) and not f.name.startswith(".")]
+    else:
         raise UserError(f"{images}: no such file or folder")
-    return [(str(f.resolve()), None) for f in sorted(p.rglob("*"))
-            if f.is_file() and is_image_filename(f) and not f.name.startswith(".")]
+    return [(str(f), lambda f=f: load_image_rgb(f)) for f in files]
 
 
 def image_stats(images: str, progress: bool = True, client=None) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -91,46 +91,28 @@ def image_stats(images: str, progress: bool = True, client=None) -> tuple[dict[s
     the ones that could not be read."""
     from ..progress import track_steps
 
-    clients = [client] if client is not None else []
-
-    def client_fn():
-        if not clients:
-            clients.append(s3_client())
-        return clients[0]
-
-    found = _image_uris(str(images), client_fn)
+    found = _image_uris(str(images), client)
     if not found:
         raise UserError(f"{images}: no images found")
     stats, bad = {}, []
-    with tempfile.TemporaryDirectory(prefix="recontrast-monitor-") as tmp, \
-            track_steps("input statistics", len(found), enabled=progress) as bar:
-        for i, (uri, loc) in enumerate(found):
+    with track_steps("input statistics", len(found), enabled=progress) as bar:
+        for uri, rgb in found:
             try:
-                if loc is None:
-                    path = Path(uri)
-                else:
-                    path = Path(tmp) / f"{i:06d}-{uri.rsplit('/', 1)[-1]}"
-                    key = loc.prefix + uri[len(loc.join("")):]
-                    with s3_errors(uri):
-                        with_retries(lambda: loc.client.download_file(loc.bucket, key, str(path)), f"get {uri}")
-                stats[uri] = np.asarray(image_statistics(load_image_rgb(path)), dtype=np.float64)
-                if loc is not None:
-                    path.unlink(missing_ok=True)
+                stats[uri] = np.asarray(image_statistics(rgb()), dtype=np.float64)
             except Exception:  # noqa: BLE001 - an unreadable image is reported, not fatal
                 bad.append(uri)
             bar.advance(1)
     return stats, bad
 
 
-def match_inputs(paths: Sequence[str], stats: dict[str, np.ndarray]) -> tuple[np.ndarray, int, set[str]]:
+def match_inputs(paths: Sequence[str], stats: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
     """Per row, its image's statistics (NaN where none): the row's ``path`` equal to an
     image's URI, else its file name equal to exactly one image's. Returns (the [n, 4]
-    array, the rows matched, the images used)."""
+    array, the rows matched)."""
     by_name: dict[str, list[str]] = {}
     for uri in stats:
         by_name.setdefault(uri.rsplit("/", 1)[-1], []).append(uri)
     out = np.full((len(paths), len(INPUT_STATS)), np.nan)
-    used: set[str] = set()
     for i, p in enumerate(paths):
         uri = p if p in stats else None
         if uri is None:
@@ -138,8 +120,7 @@ def match_inputs(paths: Sequence[str], stats: dict[str, np.ndarray]) -> tuple[np
             uri = hits[0] if len(hits) == 1 else None
         if uri is not None:
             out[i] = stats[uri]
-            used.add(uri)
-    return out, len({i for i in range(len(paths)) if np.isfinite(out[i]).all()}), used
+    return out, int(np.isfinite(out).all(axis=1).sum())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -159,7 +140,7 @@ def run_monitor(model_uri: str, scores_uri: str, *, cfg: MonitorConfig = Monitor
     if since_kind != "time":
         raise UserError(f"since {since!r}: expected a duration (30m, 6h, 1d, 1w)")
     rules = rules_of(cfg)
-    location = open_location(out, s3_client() if out and is_s3(out) else None) if out else None
+    location = open_location(out) if out else None
     with tempfile.TemporaryDirectory(prefix="recontrast-monitor-") as tmp:
         model, calib = model_calibration(model_uri, Path(tmp) / "model", tracking_uri)
     table = read_score_table(scores_uri)
@@ -181,7 +162,7 @@ def run_monitor(model_uri: str, scores_uri: str, *, cfg: MonitorConfig = Monitor
     images_info = None
     if images:
         stats, bad = image_stats(images, progress)
-        inputs, matched, used = match_inputs(kept_paths, stats)
+        inputs, matched = match_inputs(kept_paths, stats)
         if matched == 0:
             unmatched = np.stack(list(stats.values())) if stats else None
             inputs = None
@@ -221,7 +202,7 @@ def run_monitor(model_uri: str, scores_uri: str, *, cfg: MonitorConfig = Monitor
     report["retrain"] = retrain_due(report)
     if location is not None:
         last_rows = split_windows(idx.size, window, times[idx])[-1]["rows"]
-        report["outputs"] = write_report(report, location, calib, score[idx][last_rows])
+        write_report(report, location, calib, score[idx][last_rows])  # sets report["outputs"]
         if track:
             _log_report_artifacts(report, tracking_uri)
     return report
@@ -300,6 +281,7 @@ def log_windows(report: dict, experiment: str, tracking_uri: Optional[str]) -> d
     from mlflow.entities import Metric, RunTag
 
     from . import tracking
+    from .redaction import redact_tags
 
     exp_id = tracking.configure(tracking_uri, experiment)
     client = tracking.get_client(tracking_uri)
@@ -317,8 +299,6 @@ def log_windows(report: dict, experiment: str, tracking_uri: Optional[str]) -> d
                 "monitor.window_start": w["start"] or "", "monitor.window_end": w["end"] or "",
                 "monitor.model_uri": report["model"]["uri"], "monitor.model_version": report["model"]["version"],
                 "monitor.scores": report["scores"]["uri"], "monitor.reasons": "; ".join(w["reasons"])[:4900]}
-        from .redaction import redact_tags
-
         client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in _metrics(w).items()],
                          tags=[RunTag(k, str(v)) for k, v in redact_tags(tags).items()])
         with tracking.own_run_links():  # MLflow's "View run" lines would go to stdout before --json

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import UserError
 from ..runtime import positive_env
 from .locations import LocalFolder, S3Prefix, is_s3, open_location
-from .storage import parse_s3_uri, s3_client, s3_errors, with_retries
+from .storage import parse_s3_uri
 
 log = logging.getLogger("recontrast.score_log")
 
@@ -51,19 +51,13 @@ def flush_seconds() -> float:
     return positive_env(FLUSH_ENV, FLUSH_S, "{name} must be a number of seconds > 0, got {raw!r}")
 
 
-def _schema():
-    from .batch_scoring import schema
-
-    return schema()
-
-
 class ScoreLog:
     """Appends scored rows to parts under ``uri`` (module doc), off the request path."""
 
     def __init__(self, uri: str, *, flush_rows: int = FLUSH_ROWS, flush_s: Optional[float] = None,
                  max_pending: int = MAX_PENDING, client=None):
         self.uri = str(uri)
-        self.location = open_location(self.uri, client if client is not None or not is_s3(self.uri) else s3_client())
+        self.location = open_location(self.uri, client)  # S3: a client of its own when none is given
         self.flush_rows, self.max_pending = int(flush_rows), int(max_pending)
         self.flush_s = float(flush_s if flush_s is not None else flush_seconds())
         now = _dt.datetime.now(_dt.timezone.utc)
@@ -156,14 +150,10 @@ class ScoreLog:
 
 
 def table_bytes(rows: Sequence[dict]) -> bytes:
-    """Rows (batch-scoring columns; missing ones empty) -> Parquet bytes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Rows (batch-scoring columns; missing ones empty) -> Parquet bytes (the batch parts' writer)."""
+    from .batch_scoring import _part_bytes
 
-    full = [{"error": "", "overlay": "", **r} for r in rows]
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(full, schema=_schema()), buf)
-    return buf.getvalue()
+    return _part_bytes([{"error": "", "overlay": "", **r} for r in rows])
 
 
 def log_rows(results: Sequence[dict], request_id: str, registered_name: str, version: str) -> list[dict]:
@@ -194,15 +184,13 @@ def _read_bytes_table(data: bytes, name: str):
         raise UserError(f"{name}: not a readable score table ({str(exc).splitlines()[0][:160]})") from None
 
 
-def _single_file(uri: str, client_fn) -> Optional[tuple[bytes, str]]:
+def _single_file(uri: str, client) -> Optional[tuple[bytes, str]]:
     """The bytes of ``uri`` when it names one table file (local or S3), else None."""
     if not uri.lower().endswith(TABLE_SUFFIXES):
         return None
     if is_s3(uri):
         bucket, key = parse_s3_uri(uri)
-        client = client_fn()
-        with s3_errors(uri):
-            return with_retries(lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(), f"get {uri}"), uri
+        return S3Prefix(f"s3://{bucket}", client).read_bytes(key), uri
     p = Path(uri)
     if not p.is_file():
         raise UserError(f"{uri}: no such file")
@@ -218,19 +206,12 @@ def read_score_table(uri: Union[str, os.PathLike], client=None) -> dict[str, Any
     each image once); a folder with only ``results.csv`` (``recontrast predict BUNDLE
     FOLDER``'s output) is read from that. A missing or unreadable table is a :class:`UserError`."""
     text = str(uri)
-    clients: list = [client] if client is not None else []
-
-    def client_fn():
-        if not clients:
-            clients.append(s3_client())
-        return clients[0]
-
     tables, source = [], text
-    single = _single_file(text, client_fn)
+    single = _single_file(text, client)
     if single is not None:
         tables.append(_read_bytes_table(*single))
     else:
-        loc: Union[LocalFolder, S3Prefix] = open_location(text, client_fn() if is_s3(text) else None)
+        loc: Union[LocalFolder, S3Prefix] = open_location(text, client)
         if isinstance(loc, LocalFolder) and not loc.root.is_dir():
             raise UserError(f"{text}: no such folder")
         names = [rel for page in loc.pages() for rel in page]
