@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     from recontrast_core.bundle import load_detector
     from recontrast_core.export import OnnxDetector, OpenVinoDetector, export_bundle
     from recontrast_core.metrics import image_auroc, pixel_auroc
+    from scipy.stats import spearmanr
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="export-speed-") as tmp:
@@ -158,8 +159,6 @@ def main(argv=None) -> int:
                 maps = np.concatenate([m for m, _ in parts])
                 scores = np.concatenate([s for _, s in parts]).astype(np.float64)
                 ref_scores = scores if ref_scores is None else ref_scores
-                from scipy.stats import spearmanr
-
                 row.update(image_auroc=round(image_auroc(labels, scores), 4),
                            pixel_auroc=round(pixel_auroc(masks, maps), 4) if masks.any() else None,
                            max_rel_score_diff=float(np.max(np.abs(scores - ref_scores) / np.abs(ref_scores))),

@@ -232,7 +232,7 @@ def export_bundle(bundle_dir: Union[str, Path], out_dir: Union[str, Path], fmt: 
     bundle, a missing extra, an unwritable ``out_dir`` or missing / unusable calibration
     data, before anything is written."""
     from .bundle import read_bundle_meta
-    from .runtime import atomic_write, atomic_write_json, disk_full_error, ensure_output_dir, honour_umask, is_disk_full
+    from .runtime import atomic_write, atomic_write_json, ensure_output_dir
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -275,8 +275,10 @@ def export_bundle(bundle_dir: Union[str, Path], out_dir: Union[str, Path], fmt: 
         files = [ONNX_FILE]
     else:
         ov = require("openvino")
-        files = [OPENVINO_FILE, Path(OPENVINO_FILE).with_suffix(".bin").name]
-        try:
+        weights = Path(OPENVINO_FILE).with_suffix(".bin").name
+        files = [OPENVINO_FILE, weights]
+
+        def write_openvino(xml: Path) -> None:
             with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
                 onnx_path = _write_onnx(detector, Path(tmp) / ONNX_FILE, metadata)
                 if images is not None:  # quantized as ONNX (QDQ), converted: OpenVINO runs it as INT8
@@ -287,14 +289,11 @@ def export_bundle(bundle_dir: Union[str, Path], out_dir: Union[str, Path], fmt: 
                 # fp32 weights: OpenVINO compresses them to fp16 by default, which is not the
                 # bundle (INT8 weights stay INT8 either way)
                 ov.save_model(model, str(Path(tmp) / OPENVINO_FILE), compress_to_fp16=False)
-                for name in reversed(files):  # the weights first, then the graph that names them
-                    honour_umask(Path(tmp) / name)
-                    os.replace(Path(tmp) / name, out / name)
-        except Exception as exc:  # a full disk: one line, as atomic_write says it
-            if is_disk_full(exc):
-                raise disk_full_error(out / OPENVINO_FILE) from None
-            raise
-        model_path = out / OPENVINO_FILE
+                # the weights into place first, then the graph that names them (atomic_write's rename)
+                atomic_write(out / weights, lambda p: os.replace(Path(tmp) / weights, p))
+                os.replace(Path(tmp) / OPENVINO_FILE, xml)
+
+        model_path = atomic_write(out / OPENVINO_FILE, write_openvino)
     atomic_write_json(out / META_FILE, {**parse_metadata(metadata), "files": files,
                                         "input_name": INPUT_NAME, "output_names": list(OUTPUT_NAMES)})
     return model_path
@@ -341,6 +340,7 @@ def find_calibration_images(path: Union[str, Path, None], limit: int = DEFAULT_C
     below it). At most ``limit`` of them, evenly spaced in path order (deterministic).
     :class:`UserError` (one line) when ``path`` is missing or holds no usable image."""
     from .data.images import is_image_filename
+    from .data.layouts.common import _walk
     from .data.layouts.registry import detect_layout, read_dataset
     from .data.manifest import Manifest, ManifestEntry
     from .errors import first_line
@@ -360,9 +360,7 @@ def find_calibration_images(path: Union[str, Path, None], limit: int = DEFAULT_C
         except UserError as exc:
             raise UserError(f"calibration data {source}: {first_line(exc)}") from None
     elif source.is_dir():
-        files = sorted((p for p in source.rglob("*") if p.is_file() and is_image_filename(p)
-                        and not any(part.startswith(".") for part in p.relative_to(source).parts)),
-                       key=lambda p: p.relative_to(source).as_posix())
+        files = [p for p in _walk(source) if p.is_file() and is_image_filename(p)]  # hidden ones skipped, path order
         manifest = Manifest(root=str(source), entries=[ManifestEntry(path=p.relative_to(source).as_posix(), label=0)
                                                        for p in files])
         layout = "folder"
@@ -390,8 +388,7 @@ def load_calibration_images(calibration: CalibrationSet, image_size: int) -> np.
     except (OSError, ValueError) as exc:  # an unreadable image the loader did not name
         raise UserError(f"calibration data {calibration.source}: an image cannot be read "
                         f"({type(exc).__name__}: {first_line(exc)})") from None
-    arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(images.numpy())  # load_resized: a uint8 tensor
 
 
 def quantization_metadata(calibration: CalibrationSet, n_images: int) -> dict[str, str]:

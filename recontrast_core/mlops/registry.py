@@ -122,9 +122,13 @@ def version_model_id(mv) -> Optional[str]:
     model_id = getattr(mv, "model_id", None)
     if model_id:
         return str(model_id)
-    source = str(getattr(mv, "source", "") or "")
-    if source.startswith("models:/m-"):
-        return source[len("models:/") :].split("/")[0]
+    return _uri_model_id(str(getattr(mv, "source", "") or ""))
+
+
+def _uri_model_id(uri: str) -> Optional[str]:
+    """The logged model id of a ``models:/<model_id>[/...]`` URI (ids start with ``m-``), else None."""
+    if uri.startswith("models:/m-"):
+        return uri[len("models:/") :].split("/")[0]
     return None
 
 
@@ -259,19 +263,15 @@ def _resolve_source(client, source: str) -> tuple[str, Optional[str]]:
     from :func:`recontrast_core.mlops.serving.pyfunc_model.log_pyfunc`), else to the run's artifact
     directory ``<name>`` (e.g. a bundle logged with ``tracking.log_bundle``).
     """
-    model_id = None
-    if source.startswith("runs:/"):
-        rid, _, rel = source[len("runs:/") :].partition("/")
-        run = client.get_run(rid)
-        model_id = _logged_model_id(client, run, rel)
-        if model_id is not None:
-            source = f"models:/{model_id}"
-        else:
-            artifact_root = run.info.artifact_uri.rstrip("/")
-            source = f"{artifact_root}/{rel}" if rel else artifact_root
-    elif source.startswith("models:/m-"):
-        model_id = source[len("models:/") :].split("/")[0]
-    return source, model_id
+    if not source.startswith("runs:/"):
+        return source, _uri_model_id(source)
+    rid, _, rel = source[len("runs:/") :].partition("/")
+    run = client.get_run(rid)
+    model_id = _logged_model_id(client, run, rel)
+    if model_id is not None:
+        return f"models:/{model_id}", model_id
+    artifact_root = run.info.artifact_uri.rstrip("/")
+    return (f"{artifact_root}/{rel}" if rel else artifact_root), None
 
 
 def _logged_model_id(client, run, name: str) -> Optional[str]:

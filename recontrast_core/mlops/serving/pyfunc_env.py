@@ -38,7 +38,6 @@ WHEEL_ENV = "RECONTRAST_WHEEL"
 # the files of a source tree that go into the wheel (pyproject's package-dir mapping)
 _SOURCE_DIRS = ("recontrast_core", "components", "pipelines")
 _SOURCE_FILES = ("pyproject.toml", "README.md")
-_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info", "compiled")
 # dist-info files an install adds: not part of the wheel
 _INSTALL_ONLY = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
 
@@ -79,6 +78,8 @@ def source_tree() -> Optional[Path]:
 
 
 def _source_files(root: Path) -> list[Path]:
+    """The files of ``root`` that go into the wheel (what :func:`build_from_source` copies
+    and :func:`project_wheel` hashes): no __pycache__, *.pyc, build/, *.egg-info, compiled/."""
     files = [root / f for f in _SOURCE_FILES if (root / f).is_file()]
     for d in _SOURCE_DIRS:
         for p in sorted((root / d).rglob("*")):
@@ -105,11 +106,10 @@ def build_from_source(root: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="recontrast-src-") as tmp:
         src = Path(tmp) / "src"
-        for d in _SOURCE_DIRS:
-            shutil.copytree(root / d, src / d, ignore=_IGNORE)
-        for f in _SOURCE_FILES:
-            if (root / f).is_file():
-                shutil.copy(root / f, src / f)
+        for p in _source_files(root):  # the files hashed for the cache key, no other
+            dst = src / p.relative_to(root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, dst)
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out_dir), str(src)]
         if importlib.util.find_spec("setuptools") is not None:
             cmd.insert(4, "--no-build-isolation")  # offline and fast: the build backend is here
