@@ -115,23 +115,16 @@ def images_digest(paths: Sequence[PathLike]) -> tuple[str, list[dict]]:
 
 
 def score_images(detector, paths: Sequence[PathLike], progress: bool = True) -> np.ndarray:
-    """Image scores of ``paths`` with a loaded detector; an unreadable image is a
-    :class:`UserError` naming it (a recalibration set must be clean)."""
-    from .predict import score_files
-    from .progress import track_steps
+    """Image scores of ``paths`` with a loaded detector (``recontrast predict``'s batches); an
+    unreadable image is a :class:`UserError` naming it (a recalibration set must be clean)."""
+    from .predict import failed_rows, predict_paths
 
-    scores: list[float] = []
-    bs = max(1, int(detector.inference.batch_size))
-    with track_steps("recalibration: scoring normals", len(paths), enabled=progress) as bar:
-        for start in range(0, len(paths), bs):
-            batch = list(paths[start:start + bs])
-            for row, _ in score_files(detector, batch, overlays=False):
-                if row["error"]:
-                    raise UserError(f"{row['path']}: cannot be read as an image ({row['error']}); remove it from "
-                                    "the normal images")
-                scores.append(float(row["score"]))
-            bar.advance(len(batch))
-    return np.asarray(scores, dtype=np.float64)
+    rows = predict_paths(detector, paths, overlays=False, progress=progress)
+    bad = failed_rows(rows)
+    if bad:
+        raise UserError(f"{bad[0]['path']}: cannot be read as an image ({bad[0]['error']}); remove it from "
+                        "the normal images")
+    return np.asarray([float(r["score"]) for r in rows], dtype=np.float64)
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
@@ -145,14 +138,18 @@ def _link_or_copy(src: Path, dst: Path) -> str:
         return "copy"
 
 
+def _refuse_parent(out_dir: Path, parent_dir: Path) -> None:
+    if out_dir.resolve() == parent_dir.resolve():
+        raise UserError(f"{out_dir}: the recalibrated bundle cannot replace its parent; choose another --out")
+
+
 def write_recalibrated_bundle(parent_dir: PathLike, out_dir: PathLike, calibration: Calibration) -> Path:
     """``out_dir``: the parent bundle's weights (hard link or copy) and its ``bundle.json``
     with ``calibration`` replaced, nothing else changed. Written into a temporary folder and
     renamed into place."""
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     meta = read_bundle_meta(parent_dir)
-    if out_dir.resolve() == parent_dir.resolve():
-        raise UserError(f"{out_dir}: the recalibrated bundle cannot replace its parent; choose another --out")
+    _refuse_parent(out_dir, parent_dir)
     meta["calibration"] = calibration.to_dict()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -186,9 +183,7 @@ def recalibrate_bundle(
     paths = [Path(p) for p in normals]
     if not paths:
         raise UserError("no normal images given to recalibrate on")
-    if (Path(out_dir) / BUNDLE_DIR).resolve() == Path(bundle_dir).resolve():
-        raise UserError(f"{Path(out_dir) / BUNDLE_DIR}: the recalibrated bundle cannot replace its parent; "
-                        "choose another --out")
+    _refuse_parent(Path(out_dir) / BUNDLE_DIR, Path(bundle_dir))  # before the scoring
     out = ensure_output_dir(out_dir)
     detector = load_detector(bundle_dir, device)
     old = detector.calibration

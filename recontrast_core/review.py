@@ -77,20 +77,18 @@ def select_for_review(rows: Iterable[Mapping[str, Any]], band: Sequence[float] =
     out. Order: the most doubtful first (normalised score closest to 0.5), then the rest of
     the flagged by score. ``limit`` keeps the first ``limit``."""
     lo, hi = check_band(band)
-    picked = []
+    picked: list[tuple[tuple, dict]] = []  # (sort key, row)
     for row in rows:
         if row.get("error") or row.get("score") is None or row.get("normalized_score") is None:
             continue
         norm = float(row["normalized_score"])
         is_flagged = bool(row.get("decision"))
         if lo <= norm < hi:
-            picked.append({**row, "reason": "flagged" if is_flagged else "borderline", "_key": (0, abs(norm - 0.5))})
+            picked.append(((0, abs(norm - 0.5)), {**row, "reason": "flagged" if is_flagged else "borderline"}))
         elif flagged and is_flagged:
-            picked.append({**row, "reason": "flagged", "_key": (1, -norm)})
-    picked.sort(key=lambda r: r["_key"])
-    for r in picked:
-        r.pop("_key")
-    return picked[:limit] if limit is not None else picked
+            picked.append(((1, -norm), {**row, "reason": "flagged"}))
+    picked.sort(key=lambda kr: kr[0])
+    return [r for _, r in picked[:limit]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,7 +266,7 @@ def export_review(detector, items: Sequence[Mapping[str, Any]], out_dir: PathLik
     from .data.images import image_size
     from .progress import track_steps
 
-    label = check_label(label)
+    label, band = check_label(label), check_band(band)
     out = ensure_output_dir(out_dir, "review folder")
     if (out / REVIEW_FILE).exists():
         raise UserError(f"{out}: already holds a review ({REVIEW_FILE}); choose another --out")
@@ -297,7 +295,7 @@ def export_review(detector, items: Sequence[Mapping[str, Any]], out_dir: PathLik
             bar.advance(1)
     payload = {"format": REVIEW_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "source_table": source_table, "model": dict(model or {}), "threshold": threshold,
-               "band": list(check_band(band)), "label": label, "instructions": INSTRUCTIONS,
+               "band": list(band), "label": label, "instructions": INSTRUCTIONS,
                "counts": {"flagged": sum(e["reason"] == "flagged" for e in entries),
                           "borderline": sum(e["reason"] == "borderline" for e in entries)},
                "items": entries}
@@ -361,7 +359,8 @@ def read_review(project: PathLike) -> tuple[dict, list[ReviewedImage]]:
         else:
             verdict = "anomaly" if shapes else "normal"
         label = check_label(shapes[0].label) if verdict == "anomaly" else None
-        out.append(ReviewedImage(image, ann, item.get("source", ""), verdict, label, shapes, doc, file_sha256(image)))
+        sha = file_sha256(image) if verdict in ("anomaly", "normal") else ""  # only these are imported
+        out.append(ReviewedImage(image, ann, item.get("source", ""), verdict, label, shapes, doc, sha))
     return meta, out
 
 
@@ -449,20 +448,16 @@ def card_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict:
     """What changed between two dataset cards (:mod:`recontrast_core.data.report`): the
     fingerprint, the counts, and per split the normal / anomalous counts and defect types
     (``[before, after]`` pairs, only where they differ)."""
-
-    def pair(a, b):
-        return [a, b]
-
-    diff: dict[str, Any] = {"fingerprint": pair(before.get("fingerprint"), after.get("fingerprint"))}
+    diff: dict[str, Any] = {"fingerprint": [before.get("fingerprint"), after.get("fingerprint")]}
     for key in ("n_images", "normal", "anomalous"):
         if before.get(key) != after.get(key):
-            diff[key] = pair(before.get(key), after.get(key))
+            diff[key] = [before.get(key), after.get(key)]
     splits = {}
     for split in sorted(set(before.get("splits") or {}) | set(after.get("splits") or {})):
         a, b = (before.get("splits") or {}).get(split, {}), (after.get("splits") or {}).get(split, {})
-        d = {k: pair(a.get(k, 0), b.get(k, 0)) for k in ("normal", "anomalous") if a.get(k, 0) != b.get(k, 0)}
+        d = {k: [a.get(k, 0), b.get(k, 0)] for k in ("normal", "anomalous") if a.get(k, 0) != b.get(k, 0)}
         ta, tb = a.get("defect_types") or {}, b.get("defect_types") or {}
-        types = {t: pair(ta.get(t, 0), tb.get(t, 0)) for t in sorted(set(ta) | set(tb)) if ta.get(t, 0) != tb.get(t, 0)}
+        types = {t: [ta.get(t, 0), tb.get(t, 0)] for t in sorted(set(ta) | set(tb)) if ta.get(t, 0) != tb.get(t, 0)}
         if types:
             d["defect_types"] = types
         if d:

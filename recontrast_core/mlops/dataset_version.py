@@ -77,7 +77,7 @@ def version_dataset(folder: PathLike, message: str, *, remote: Optional[str] = N
     root = dvc_repo_root(folder)
     rel = folder.relative_to(root).as_posix()
     dvc_file = folder.with_name(folder.name + ".dvc")
-    previous = _md5(dvc_file) if dvc_file.is_file() else None
+    previous = _md5(dvc_file)  # None: the folder was not tracked yet
     pushed = 0
     try:
         with _dvc_quiet(), Repo(str(root)) as repo:
@@ -85,6 +85,7 @@ def version_dataset(folder: PathLike, message: str, *, remote: Optional[str] = N
             repo.add([str(folder)])
             if push:
                 pushed = int(repo.push(targets=[str(dvc_file)], remote=remote) or 0)
+            remote = remote or _default_remote(repo)
     except UserError:
         raise
     except Exception as exc:  # dvc: no remote, unreachable S3, credentials, a broken cache
@@ -104,7 +105,7 @@ def version_dataset(folder: PathLike, message: str, *, remote: Optional[str] = N
         if tag:
             _git(root, "tag", tag)
     return {"repo": str(root), "path": rel, "dvc_file": dvc_file.relative_to(root).as_posix(), "md5": md5,
-            "previous_md5": previous, "pushed": pushed, "remote": remote or _default_remote(root),
+            "previous_md5": previous, "pushed": pushed, "remote": remote,
             "commit": sha, "tag": tag if sha else None}
 
 
@@ -114,11 +115,9 @@ def _is_git(root: Path) -> bool:
     return proc.returncode == 0 and proc.stdout.strip() == "true"
 
 
-def _default_remote(root: Path) -> Optional[str]:
-    from dvc.repo import Repo
-
+def _default_remote(repo) -> Optional[str]:
+    """The repository's default DVC remote (``core.remote``), or None."""
     try:
-        with Repo(str(root)) as repo:
-            return repo.config.get("core", {}).get("remote")
-    except Exception:
+        return repo.config.get("core", {}).get("remote")
+    except Exception:  # noqa: BLE001 - only reported, never needed
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 import re
 import tempfile
@@ -62,28 +63,33 @@ def _parse_parquet(data: bytes) -> list[dict]:
     return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
+def _parse_table(where: str, data: bytes) -> list[dict]:
+    """The rows of the table ``where`` (its name says parquet or CSV) read as ``data``."""
+    try:
+        rows = _parse_parquet(data) if where.endswith(".parquet") else _parse_csv(data)
+    except Exception as exc:
+        raise UserError(f"{where}: not a readable scores table ({exc})") from None
+    if rows and not {"path", "score", "normalized_score", "decision"} <= set(rows[0]):
+        raise UserError(f"{where}: not a scores table (needs path, score, normalized_score, decision)")
+    return rows
+
+
 def read_scores_table(table: PathLike) -> list[dict]:
     """The rows of a batch-scoring table: a ``results.parquet`` / ``results.csv`` file, the
     output folder holding it, or the same on S3 (``s3://bucket/prefix/`` or the object)."""
     text = str(table)
     if text.startswith("s3://"):
         from .locations import open_location
-        from .storage import s3_client, s3_errors
 
         is_file = text.endswith((".parquet", ".csv"))
         folder, _, name = text.rpartition("/") if is_file else (text, "", "")
-        loc = open_location(folder, s3_client())
-        with s3_errors(text):
-            for candidate in ([name] if is_file else [RESULTS_PARQUET, RESULTS_FILE]):
-                try:
-                    data = loc.read_bytes(candidate)
-                except UserError:
-                    continue
-                except Exception as exc:  # NoSuchKey
-                    if "NoSuchKey" in str(exc) or "404" in str(exc) or "Not Found" in str(exc):
-                        continue
-                    raise
-                return _parse_parquet(data) if candidate.endswith(".parquet") else _parse_csv(data)
+        loc = open_location(folder)
+        for candidate in ([name] if is_file else [RESULTS_PARQUET, RESULTS_FILE]):
+            try:
+                data = loc.read_bytes(candidate)
+            except UserError:  # S3 errors (NoSuchKey among them) come as one line
+                continue
+            return _parse_table(loc.join(candidate), data)
         raise UserError(f"{text}: no {RESULTS_PARQUET} or {RESULTS_FILE} (run batch scoring first)")
     p = Path(text)
     if p.is_dir():
@@ -91,14 +97,7 @@ def read_scores_table(table: PathLike) -> list[dict]:
     if not p.is_file():
         raise UserError(f"{table}: no scores table (a results.parquet / results.csv of `recontrast predict`, "
                         "or its output folder)")
-    data = p.read_bytes()
-    try:
-        rows = _parse_parquet(data) if p.suffix == ".parquet" else _parse_csv(data)
-    except Exception as exc:
-        raise UserError(f"{p}: not a readable scores table ({exc})") from None
-    if rows and not {"path", "score", "normalized_score", "decision"} <= set(rows[0]):
-        raise UserError(f"{p}: not a scores table (needs path, score, normalized_score, decision)")
-    return rows
+    return _parse_table(str(p), p.read_bytes())
 
 
 def _model_of(rows: list[dict], model_uri: Optional[str]) -> tuple[str, Optional[str]]:
@@ -146,11 +145,13 @@ def export_from_table(table: PathLike, out_dir: PathLike, *, band: Sequence[floa
 
 
 def _fetcher(dest: Path):
-    """``row -> local file``: local paths as they are, ``s3://`` objects downloaded."""
-    clients: list = []
-    count = [0]
+    """``row -> local file``: local paths as they are, ``s3://`` objects downloaded (one
+    client for all; a running number keeps same-named objects apart)."""
+    client = None
+    count = itertools.count(1)
 
     def fetch(row: dict) -> Path:
+        nonlocal client
         path = str(row["path"])
         if not path.startswith("s3://"):
             if not Path(path).is_file():
@@ -158,14 +159,12 @@ def _fetcher(dest: Path):
             return Path(path)
         from .storage import parse_s3_uri, s3_client, s3_errors, with_retries
 
-        if not clients:
-            clients.append(s3_client())
+        client = client or s3_client()
         bucket, key = parse_s3_uri(path)
-        count[0] += 1
-        target = dest / f"{count[0]:05d}-{Path(key).name}"
+        target = dest / f"{next(count):05d}-{Path(key).name}"
         target.parent.mkdir(parents=True, exist_ok=True)
         with s3_errors(path):
-            with_retries(lambda: clients[0].download_file(bucket, key, str(target)), f"get {path}")
+            with_retries(lambda: client.download_file(bucket, key, str(target)), f"get {path}")
         return target
 
     return fetch

@@ -30,9 +30,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from ..bundle import DEFAULT_KIND, read_bundle_meta
 from ..config import PipelineConfig
 from ..data.manifest import Manifest
-from ..errors import UserError
 from ..promotion import Decision
 from ..recalibrate import DEFAULT_MIN_NORMALS, decide_recalibration, recalibrate_bundle, write_record
 from ..runtime import atomic_write_json
@@ -57,22 +57,11 @@ def normal_images(normals: Sequence[Union[str, PathLike]], scratch: Path) -> lis
             from ..mlops.storage import download_s3_prefix
 
             dest = scratch / f"normals-{i}"
-            download_s3_prefix(text, dest)
-            (dest / ".s3-index.json").unlink(missing_ok=True)
+            download_s3_prefix(text, dest)  # its .s3-index.json: a dot file, not listed
             local.append(dest)
         else:
             local.append(text)
     return expand_inputs(local)
-
-
-def _champion(client, name: str):
-    from ..mlops import registry
-
-    try:
-        registry.get_registered_model(client, name)
-    except UserError:
-        return None
-    return registry.alias_version(client, name, registry.CHAMPION)
 
 
 def recalibrate(
@@ -125,7 +114,10 @@ def recalibrate(
         "fpr": result.fpr, "parent_fpr": result.parent_fpr, "seconds": round(result.seconds, 2),
         "labelled_metrics": labelled or None,
     }
-    if not register:
+    if register:  # records the decision in recalibration.json (logged with the run)
+        summary.update(_register(result, settings, parent_name, parent_version, labelled, fingerprint_eval,
+                                 min_normals, pipeline_run_id, device))
+    else:
         decision = decide_recalibration(result.fpr, result.n_images, target_fpr, min_normals=min_normals,
                                         labelled_metrics=labelled, policy=settings.registry.policy(),
                                         parent=model.version)
@@ -133,13 +125,6 @@ def recalibrate(
                        gate_passed=decision.promote)
         result.decision = {"promote": decision.promote, "reason": decision.reason, "registered": False}
         write_record(out, result)
-        atomic_write_json(out / RESULT_FILE, summary)
-        return summary
-    summary.update(_register(result, settings, parent_name, parent_version, labelled, fingerprint_eval,
-                             min_normals, pipeline_run_id, device))
-    result.decision = {"promote": summary["promoted"], "reason": summary["reason"], "registered": True,
-                       "model_name": summary["model_name"], "version": summary["version"]}
-    write_record(out, result)
     atomic_write_json(out / RESULT_FILE, summary)
     return summary
 
@@ -161,7 +146,7 @@ def _register(result, settings: PipelineConfig, parent_name: Optional[str], pare
     metrics.update(labelled)
     metrics.update(result.metrics())
     fingerprint = fingerprint_eval or parent_tags.get(registry.TAG_FINGERPRINT) or ""
-    champion = _champion(client, name)
+    champion = registry.alias_version(client, name, registry.CHAMPION)  # None: no model or no champion yet
     is_champion = (champion is None and parent_mv is None) or (
         champion is not None and parent_version is not None and str(champion.version) == str(parent_version))
     decision = decide_recalibration(result.fpr, result.n_images, target_fpr, min_normals=min_normals,
@@ -170,9 +155,8 @@ def _register(result, settings: PipelineConfig, parent_name: Optional[str], pare
                                     parent=f"{name} {parent_label}" if parent_version else parent_label)
     pid = pipeline_run_id or (f"recalibrate-{name}-{parent_version or result.parent['version'].replace(':', '-')}"
                               f"-{result.images_sha256[:12]}-fpr{target_fpr:g}")
-    kind = str(_bundle_meta(result.bundle_dir).get("model_kind", "recontrast"))
     tags = {
-        "model_kind": kind,
+        "model_kind": str(read_bundle_meta(result.bundle_dir).get("model_kind", DEFAULT_KIND)),
         "recalibrated_from": parent_version or result.parent["version"],
         "recalibrated_from_uri": result.parent["uri"],
         "recalibration_images": str(result.n_images),
@@ -193,15 +177,23 @@ def _register(result, settings: PipelineConfig, parent_name: Optional[str], pare
             model_uri = log_pyfunc(result.bundle_dir, name="model", run_id=run_id, device=device).model_uri
         version = registry.register_candidate(run_id, name, pid, metrics, fingerprint, model_uri=model_uri,
                                               tags=tags, client=client)
-        recorded = (client.get_model_version(name, version).tags or {}).get(registry.TAG_DECISION)
+        version_tags = client.get_model_version(name, version).tags or {}
+        recorded = version_tags.get(registry.TAG_DECISION)
         if recorded is not None:  # a retry after the gate already ran: report, don't redo
-            reason = (client.get_model_version(name, version).tags or {}).get(registry.TAG_REASON, "")
-            decision, label = Decision(recorded in ("promoted", "forced"), reason), recorded
+            decision = Decision(recorded in ("promoted", "forced"), version_tags.get(registry.TAG_REASON, ""))
+            label = recorded
         else:
-            decision, label = _apply(client, name, str(version), decision, parent_version, champion)
-            result.decision = {"promote": decision.promote, "reason": decision.reason, "registered": True,
-                               "model_name": name, "version": str(version)}
-            client.log_artifact(run_id, str(write_record(result.bundle_dir.parent, result)), "recalibration")
+            # the weights are the champion's (the gate checked the FPR): no comparison of ranking
+            # metrics; the champion moves only if it is still the one recalibrated (under the lock)
+            decision = registry.promote_decided(name, str(version), decision,
+                                                str(champion.version) if champion is not None else None,
+                                                tags={PROMOTION_RULE_TAG: "recalibration"}, client=client)
+            label = "promoted" if decision.promote else "rejected"
+        result.decision = {"promote": decision.promote, "reason": decision.reason, "registered": True,
+                           "model_name": name, "version": str(version)}
+        record = write_record(result.bundle_dir.parent, result)
+        if recorded is None:
+            client.log_artifact(run_id, str(record), "recalibration")
         mlflow_tracking.set_tags({"registered_version": version, "promotion_decision": label,
                                   "recalibrated_from": tags["recalibrated_from"]}, run_id)
         mlflow_tracking.log_metrics({f"recalibrate/{k}": v for k, v in result.metrics().items()}, run_id)
@@ -211,24 +203,6 @@ def _register(result, settings: PipelineConfig, parent_name: Optional[str], pare
     return {"registered": True, "model_name": name, "version": str(version), "promoted": bool(decision.promote),
             "decision": label, "reason": decision.reason, "champion": aliases.get(registry.CHAMPION),
             "pipeline_run_id": pid, "run_id": run_id, "model_uri": model_uri}
-
-
-def _apply(client, name: str, version: str, decision: Decision, parent_version: Optional[str], champion):
-    """Move the champion when the gate passed and the champion is still the one recalibrated
-    (checked under the model's lock); record the decision on the version either way."""
-    from ..mlops import registry
-
-    # The weights are the champion's (the gate checked the FPR): no comparison of ranking metrics.
-    decision = registry.promote_decided(name, version, decision,
-                                        str(champion.version) if champion is not None else None,
-                                        tags={PROMOTION_RULE_TAG: "recalibration"}, client=client)
-    return decision, "promoted" if decision.promote else "rejected"
-
-
-def _bundle_meta(bundle_dir: Path) -> dict:
-    from ..bundle import read_bundle_meta
-
-    return read_bundle_meta(bundle_dir)
 
 
 # ----------------------------------------------------------------------------- its record
